@@ -1,0 +1,61 @@
+# cwd_lightning — `make help` lists the targets. `make train` and `make test` do all set-up on a fresh machine.
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+EXP ?= shapes_cwd
+ARGS ?=
+CKPT ?= best
+STAMP := $(VENV)/.installed
+export WANDB_MODE ?= offline
+
+# A student experiment names its teacher checkpoint in its YAML; when that checkpoint is one of our own
+# runs (runs/<teacher>/...ckpt) it becomes a file dependency, so the teacher is trained first if missing.
+TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*runs/[^[:space:]]+\.ckpt' experiments/$(EXP).yaml 2>/dev/null | sed -E 's/.*teacher_checkpoint:[[:space:]]*//')
+
+.PHONY: help install train resume eval export test lint format clean distclean
+
+help: ## Show this help
+	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
+	@echo "  Variables: EXP=<experiments/*.yaml stem> (default shapes_cwd), ARGS='<extra CLI args>', CKPT=best|last|<path>"
+
+install: $(STAMP) ## Create .venv and install the package (editable) with pinned versions from constraints.txt
+
+$(STAMP): pyproject.toml constraints.txt
+	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install --quiet --upgrade pip
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $@
+
+train: $(STAMP) $(TEACHER_CKPT) ## Train EXP (teacher first if its checkpoint is missing); ARGS are passed to the CLI
+	$(PY) -m cwd_lightning fit --config experiments/$(EXP).yaml $(ARGS)
+
+runs/%/best.ckpt: | $(STAMP)
+	$(PY) -m cwd_lightning fit --config experiments/$*.yaml $(ARGS)
+
+resume: $(STAMP) ## Continue runs/EXP from its last.ckpt (same folder, config and W&B run id)
+	$(PY) -m cwd_lightning fit --config runs/$(EXP)/config.yaml --ckpt_path last $(ARGS)
+
+eval: $(STAMP) ## Validate runs/EXP with CKPT (best, last or a path)
+	$(PY) -m cwd_lightning validate --config runs/$(EXP)/config.yaml --ckpt_path $(CKPT) $(ARGS)
+
+export: $(STAMP) ## Write the distilled student of runs/EXP alone to exports/EXP (weights + model config)
+	$(PY) -m cwd_lightning.export runs/$(EXP) exports/$(EXP) --checkpoint $(CKPT)
+
+test: $(STAMP) ## Run the test suite (CPU, offline)
+	$(VENV)/bin/pytest -q $(ARGS)
+
+lint: $(STAMP) ## ruff lint and format check
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+
+format: $(STAMP) ## Apply ruff fixes and formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
+clean: ## Remove caches (keeps .venv, data/ and runs/)
+	rm -rf .pytest_cache .ruff_cache *.egg-info
+	find . -name __pycache__ -type d -prune -not -path './.venv/*' -exec rm -rf {} +
+
+distclean: clean ## Also remove .venv and the generated embedded dataset (never runs/)
+	rm -rf $(VENV) data/shapes

@@ -1,0 +1,158 @@
+"""Entry point: ``python -m cwd_lightning fit --config experiments/<EXP>.yaml``.
+
+Each experiment owns one deterministic folder ``runs/<EXP>/``: ``last.ckpt``, ``best.ckpt`` (by the
+task's monitored metric), the resolved ``config.yaml``, ``metrics.csv`` and the W&B run, whose id is
+kept in ``wandb_id`` so that a resume continues the same W&B run.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from pathlib import Path
+from typing import Any
+
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
+
+from cwd_lightning.distill.module import DistillationModule
+
+WANDB_PROJECT = "cwd_lightning"
+
+
+class RunError(SystemExit):
+    """A clear, user-facing refusal (exit code 2) rather than a traceback."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(f"error: {message}")
+
+
+class SaveAndLogConfig(SaveConfigCallback):
+    """Writes the resolved config into the run folder and logs it to every logger (W&B config)."""
+
+    def save_config(self, trainer: L.Trainer, pl_module: L.LightningModule, stage: str) -> None:
+        config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
+        for logger in trainer.loggers:
+            logger.log_hyperparams({"config": config})
+
+
+class DistillCLI(LightningCLI):
+    def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
+        super().__init__(
+            DistillationModule,
+            L.LightningDataModule,
+            subclass_mode_data=True,
+            save_config_callback=SaveAndLogConfig,
+            save_config_kwargs={"overwrite": True},
+            trainer_defaults={"log_every_n_steps": 10},
+            seed_everything_default=0,
+            parser_kwargs={"parser_mode": "yaml"},
+            args=args,
+            run=run,
+        )
+
+    def add_arguments_to_parser(self, parser) -> None:
+        parser.add_argument("--experiment", type=str | None, default=None,
+                            help="run name; defaults to the stem of the --config file")  # fmt: skip
+        parser.add_argument("--runs_root", type=str, default="runs", help="folder that holds runs/<experiment>/")
+
+    # ---------------------------------------------------------------- run folder
+    def before_instantiate_classes(self) -> None:
+        config = self.config[self.subcommand]
+        if not config.experiment:
+            config_files = config.get("config") or []
+            if not config_files:
+                raise RunError("give --config experiments/<EXP>.yaml or --experiment <name>")
+            config.experiment = Path(str(config_files[-1])).stem
+        self.run_dir = Path(config.runs_root) / config.experiment
+        config.trainer.default_root_dir = str(self.run_dir)
+        if self.subcommand == "fit":
+            config.ckpt_path = self._fit_checkpoint(config.get("ckpt_path"))
+        elif self.subcommand in ("validate", "test", "predict"):
+            ckpt = config.get("ckpt_path")
+            if ckpt in ("best", "last"):
+                ckpt = str(self.run_dir / f"{ckpt}.ckpt")
+            if ckpt is not None and not Path(ckpt).is_file():
+                raise RunError(f"checkpoint {ckpt} not found (train the experiment first: make train EXP=...)")
+            config.ckpt_path = ckpt
+
+    def _fit_checkpoint(self, ckpt_path: str | None) -> str | None:
+        last = self.run_dir / "last.ckpt"
+        if ckpt_path is None:
+            if last.exists():
+                raise RunError(
+                    f"{self.run_dir} already holds a run ({last} exists) and nothing saved is overwritten. "
+                    f"Continue it with `make resume EXP={self.run_dir.name}`, or move that folder away to start again."
+                )
+            return None
+        path = last if ckpt_path == "last" else Path(ckpt_path)
+        if not path.is_file():
+            raise RunError(f"nothing to resume: checkpoint {path} does not exist")
+        return str(path)
+
+    # ---------------------------------------------------------------- loggers and checkpoints
+    def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
+        trainer_config = self.config_init[self.subcommand]["trainer"]
+        if self.subcommand == "fit":
+            callbacks = [
+                ModelCheckpoint(
+                    dirpath=self.run_dir,
+                    filename="best",
+                    monitor=self.model.task.monitor,
+                    mode=self.model.task.monitor_mode,
+                    save_last=True,
+                    save_top_k=1,
+                    enable_version_counter=False,
+                )
+            ]
+            if trainer_config.get("logger") in (None, True):
+                kwargs["logger"] = self._loggers()
+                callbacks.append(LearningRateMonitor(logging_interval="step"))
+            kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), *callbacks]
+        else:
+            kwargs.setdefault("logger", False)
+        return super().instantiate_trainer(**kwargs)
+
+    def _loggers(self) -> list[Any]:
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        id_file = self.run_dir / "wandb_id"
+        if self.config[self.subcommand].ckpt_path and id_file.is_file():
+            run_id = id_file.read_text().strip()
+        else:
+            run_id = uuid.uuid4().hex[:12]
+            id_file.write_text(run_id + "\n")
+        experiment = self.run_dir.name
+        wandb_logger = WandbLogger(
+            project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT),
+            name=experiment,
+            id=run_id,
+            resume="allow",
+            save_dir=str(self.run_dir),
+            offline=os.environ.get("WANDB_MODE", "offline") != "online",
+            job_type="distill" if self.model.terms else ("teacher" if "teacher" in experiment else "student"),
+        )
+        return [wandb_logger, CSVLogger(save_dir=str(self.run_dir), name="", version="")]
+
+    def after_fit(self) -> None:
+        checkpoint = self.trainer.checkpoint_callback
+        lines = [f"run folder:      {self.run_dir}"]
+        if isinstance(checkpoint, ModelCheckpoint):
+            score = checkpoint.best_model_score
+            best = f" ({checkpoint.monitor} = {float(score):.4f})" if score is not None else ""
+            lines += [f"best checkpoint: {checkpoint.best_model_path}{best}", f"last checkpoint: {checkpoint.last_model_path}"]
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                lines.append(f"W&B run files:   {logger.experiment.dir.removesuffix('/files')}")
+                lines.append(f"                 (upload later with: wandb sync {logger.experiment.dir.removesuffix('/files')})")
+            if isinstance(logger, CSVLogger):
+                lines.append(f"metrics table:   {Path(logger.log_dir) / 'metrics.csv'}")
+        print("\n".join(lines), flush=True)
+
+
+def main(args: list[str] | None = None) -> None:
+    os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; online is opt-in
+    os.environ.setdefault("WANDB_SILENT", "true")
+    DistillCLI(args=args)

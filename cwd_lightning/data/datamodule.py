@@ -1,0 +1,93 @@
+"""Segmentation DataModule over a Pascal VOC 2012-layout or Cityscapes-layout tree."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+import lightning as L
+from torch.utils.data import DataLoader
+
+from cwd_lightning.data import readers
+from cwd_lightning.data.shapes import ShapesSpec, generate_shapes
+from cwd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transforms, train_transforms
+
+
+class SegmentationDataModule(L.LightningDataModule):
+    """Reads ``root`` in the ``voc`` layout (VOC 2012, VOC + SBD trainaug, the embedded ``shapes``) or
+    the ``cityscapes`` layout. With ``shapes`` set, the embedded dataset is generated into ``root`` on
+    first use."""
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        layout: Literal["voc", "cityscapes"] = "voc",
+        train_split: str = "train",
+        val_split: str = "val",
+        crop_size: int = 512,
+        base_size: int = 512,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        val_resize: int | None = None,
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        shapes: ShapesSpec | None = None,
+        download: bool = False,
+    ) -> None:
+        super().__init__()
+        self.save_hyperparameters()
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.layout = layout
+        self.train_split, self.val_split = train_split, val_split
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.shapes, self.download = shapes, download
+        self.train_tf = train_transforms(crop_size, base_size, scale_range, mean, std)
+        self.eval_tf = eval_transforms(val_resize, mean, std)
+
+    def prepare_data(self) -> None:
+        if self.shapes is not None:
+            generate_shapes(self.root, self.shapes)
+        elif self.download and self.layout == "voc" and not self.root.is_dir():
+            _download_voc(self.root)
+
+    def _dataset(self, split: str, transforms) -> readers.SegmentationFiles:
+        if self.layout == "cityscapes":
+            pairs = readers.cityscapes_pairs(self.root, split)
+            lut = readers.cityscapes_label_lut()
+        else:
+            pairs, lut = readers.voc_pairs(self.root, split), None
+        return readers.SegmentationFiles(pairs, self.num_classes, transforms, label_lut=lut)
+
+    def setup(self, stage: str | None = None) -> None:
+        if stage in (None, "fit"):
+            self.train_set = self._dataset(self.train_split, self.train_tf)
+        self.val_set = self._dataset(self.val_split, self.eval_tf)
+
+    def train_dataloader(self) -> DataLoader:
+        return DataLoader(
+            self.train_set,
+            batch_size=self.batch_size,
+            shuffle=True,
+            drop_last=True,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+
+
+def _download_voc(root: Path) -> None:
+    """VOC 2012 trainval through torchvision's downloader (into root/../.. as VOCdevkit/VOC2012)."""
+    from torchvision.datasets import VOCSegmentation
+
+    if root.parts[-2:] != ("VOCdevkit", "VOC2012"):
+        raise ValueError(f"data.download needs data.root to end in VOCdevkit/VOC2012, got {root}")
+    try:
+        VOCSegmentation(str(root.parent.parent), year="2012", image_set="train", download=True)
+    except Exception as error:
+        raise RuntimeError(f"downloading Pascal VOC 2012 into {root} failed ({error}). {readers.VOC_HINT}") from error

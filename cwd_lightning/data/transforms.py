@@ -1,0 +1,44 @@
+"""Joint image/mask augmentation with torchvision transforms.v2 (masks: nearest, padded with 255)."""
+
+from __future__ import annotations
+
+import torch
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cwd_lightning.data.readers import IGNORE_INDEX
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def train_transforms(
+    crop_size: int | tuple[int, int],
+    base_size: int,
+    scale_range: tuple[float, float] = (0.5, 2.0),
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """Random scale (shorter side ∈ base_size·scale_range), crop padded with 255 in the mask, flip."""
+    low, high = (int(round(base_size * s)) for s in scale_range)
+    return v2.Compose(
+        [
+            v2.RandomResize(low, high + 1, antialias=True),
+            v2.RandomCrop(crop_size, pad_if_needed=True, fill={tv_tensors.Image: 0, tv_tensors.Mask: IGNORE_INDEX}),
+            v2.RandomHorizontalFlip(),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean, std),
+        ]
+    )
+
+
+def eval_transforms(
+    resize: int | None = None,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
+) -> v2.Compose:
+    """Whole images (optionally shorter side resized), normalised."""
+    steps = [v2.Resize(resize, antialias=True)] if resize else []
+    return v2.Compose(
+        [*steps, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(mean, std)]
+    )

@@ -1,0 +1,74 @@
+"""Forward hooks by dotted module path that record outputs only inside ``with recorder:``."""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Iterable
+from typing import Any
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+
+def resolve_module(model: nn.Module, path: str, side: str = "model") -> nn.Module:
+    """Return ``model.get_submodule(path)`` or fail naming the closest valid paths."""
+    modules = dict(model.named_modules())
+    if path in modules:
+        return modules[path]
+    close = difflib.get_close_matches(path, [name for name in modules if name], n=3, cutoff=0.5)
+    hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
+    top = ", ".join(repr(name) for name, _ in model.named_children())
+    raise ValueError(f"no module {path!r} in {side}{hint} (top-level modules: {top})")
+
+
+class ForwardRecorder:
+    """Records the outputs of named submodules during one forward pass.
+
+    Hooks exist only inside the ``with`` block: entering clears the previous step's outputs and
+    registers the hooks, leaving removes them. So nothing is recorded (or kept alive) outside the
+    distillation forward, and no handle outlives its step.
+    """
+
+    def __init__(self, model: nn.Module, paths: Iterable[str], side: str = "model") -> None:
+        self.side = side
+        self.paths = list(dict.fromkeys(paths))
+        self._modules = {path: resolve_module(model, path, side) for path in self.paths}
+        self._handles: list[RemovableHandle] = []
+        self.outputs: dict[str, list[Any]] = {}
+
+    def __enter__(self) -> ForwardRecorder:
+        self.outputs = {path: [] for path in self.paths}
+        for path, module in self._modules.items():
+            self._handles.append(module.register_forward_hook(self._hook_for(path)))
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    def _hook_for(self, path: str):
+        def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
+            self.outputs[path].append(output)
+
+        return hook
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles.clear()
+
+    def clear(self) -> None:
+        self.outputs = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self._handles)
+
+    def get(self, path: str) -> Any:
+        """The output of ``path`` in the last recorded forward (its last call if called more than once)."""
+        calls = self.outputs.get(path)
+        if not calls:
+            raise RuntimeError(
+                f"module {path!r} of the {self.side} produced no output in the recorded forward pass: "
+                "is it used by the model's forward()?"
+            )
+        return calls[-1]

@@ -1,0 +1,71 @@
+"""Load, freeze and fingerprint a teacher."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import torch
+from torch import Tensor, nn
+
+# A teacher run of this project trains its network as the "student" of a DistillationModule.
+_LIGHTNING_PREFIX = "student."
+
+
+def read_weights(path: str | Path) -> dict[str, Tensor]:
+    """Model weights from a Lightning ``.ckpt`` of a run of this project or a plain state_dict file."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"teacher checkpoint {str(path)!r} not found. Train the teacher first "
+            "(e.g. `make train EXP=shapes_teacher`) or point model.teacher_checkpoint at a state_dict file."
+        )
+    try:
+        payload = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as error:  # pickle errors and corrupt files come in many types
+        raise ValueError(f"cannot read teacher checkpoint {str(path)!r}: {error}") from error
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
+        state = payload["state_dict"]
+        if any(key.startswith(_LIGHTNING_PREFIX) for key in state):
+            state = {k[len(_LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(_LIGHTNING_PREFIX)}
+        payload = state
+    if not isinstance(payload, dict) or not all(isinstance(v, Tensor) for v in payload.values()):
+        raise ValueError(f"teacher checkpoint {str(path)!r} holds no state_dict of tensors")
+    return payload
+
+
+def load_weights(model: nn.Module, path: str | Path, side: str = "teacher") -> None:
+    """Load ``path`` into ``model``; any missing, unexpected or mis-shaped key is an error that lists them."""
+    state = read_weights(path)
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    mis_shaped = sorted(
+        f"{key}: checkpoint {tuple(state[key].shape)} vs model {tuple(expected[key].shape)}"
+        for key in set(state) & set(expected)
+        if state[key].shape != expected[key].shape
+    )
+    if missing or unexpected or mis_shaped:
+        parts = [f"{side} checkpoint {str(path)!r} does not match the configured {side} architecture"]
+        for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
+            if keys:
+                more = f" … (+{len(keys) - 8} more)" if len(keys) > 8 else ""
+                parts.append(f"{title} keys ({len(keys)}): {', '.join(keys[:8])}{more}")
+        raise ValueError("\n  ".join(parts))
+    model.load_state_dict(state)
+
+
+def freeze(model: nn.Module) -> nn.Module:
+    """No gradients and eval mode (BN statistics and dropout fixed)."""
+    model.requires_grad_(False)
+    return model.eval()
+
+
+def fingerprint(model: nn.Module) -> str:
+    """sha256 over names, dtypes, shapes and bytes of the state_dict: identifies the teacher weights."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(model.state_dict().items()):
+        tensor = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
+    return digest.hexdigest()

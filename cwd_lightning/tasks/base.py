@@ -1,0 +1,43 @@
+"""What the distillation engine asks of a task (segmentation, detection)."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from torch import Tensor, nn
+
+
+class Task(nn.Module):
+    """Task-specific parts plugged into the one ``DistillationModule``: how to run a model on a batch,
+    the task loss, and the validation metrics. Holds the metric state, so it is an ``nn.Module``."""
+
+    #: metric that selects the best checkpoint
+    monitor: str = "val/loss_task"
+    monitor_mode: str = "min"
+
+    def example_input(self) -> Any:
+        """A small input used once at construction to check paths, shapes and channel counts."""
+        raise NotImplementedError
+
+    def run(self, model: nn.Module, inputs: Any) -> Any:
+        """Plain forward of a model (used for the probe and for the teacher)."""
+        return model(inputs)
+
+    def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Task loss of ``model`` on ``batch`` and its named parts, for logging."""
+        raise NotImplementedError
+
+    def batch_inputs(self, batch: Any) -> Any:
+        """The part of a batch that the models take as input."""
+        raise NotImplementedError
+
+    def validation_step(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
+        """Update the validation metrics; return the task loss and its named parts."""
+        raise NotImplementedError
+
+    def compute_metrics(self) -> dict[str, Tensor]:
+        """Aggregate and reset the validation metrics; keys are logged as given (``val/...``)."""
+        raise NotImplementedError
+
+    def batch_size(self, batch: Any) -> int:
+        return len(self.batch_inputs(batch))

@@ -1,0 +1,112 @@
+"""Semantic segmentation: smp model builder, cross-entropy, mIoU / per-class IoU / pixel accuracy."""
+
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+from torchmetrics import MetricCollection
+from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+
+from cwd_lightning.tasks.base import Task
+from cwd_lightning.tasks.pruning import prune_unused_modules
+
+
+def build_segmentation_model(
+    arch: str = "PSPNet",
+    encoder_name: str = "resnet18",
+    num_classes: int = 21,
+    encoder_weights: str | None = "imagenet",
+    in_channels: int = 3,
+    arch_kwargs: dict[str, Any] | None = None,
+) -> nn.Module:
+    """Any segmentation-models-pytorch architecture with any encoder (timm encoders as ``tu-<name>``).
+
+    Encoder stages that the architecture never calls (PSPNet uses 3 of 5 ResNet stages) are removed,
+    so every parameter of the model receives a gradient (DDP-safe, less memory).
+    """
+    import segmentation_models_pytorch as smp
+
+    kwargs = dict(arch_kwargs or {})
+    try:
+        model = smp.create_model(
+            arch,
+            encoder_name=encoder_name,
+            encoder_weights=encoder_weights,
+            in_channels=in_channels,
+            classes=num_classes,
+            **kwargs,
+        )
+    except KeyError as error:
+        raise ValueError(f"segmentation model: unknown arch or encoder ({arch!r}, {encoder_name!r}): {error}") from error
+    except Exception as error:
+        if encoder_weights is None:
+            raise
+        raise RuntimeError(
+            f"could not load {encoder_weights!r} weights for encoder {encoder_name!r} ({type(error).__name__}: "
+            f"{error}). They are downloaded on first use: connect to the internet once (or copy them into "
+            "the torch / Hugging Face cache), or set encoder_weights: null to start from random init."
+        ) from error
+    return prune_unused_modules(model, torch.zeros(1, in_channels, 64, 64))
+
+
+class SegmentationTask(Task):
+    """Per-pixel classification with ``ignore_index`` pixels (VOC boundaries, Cityscapes void)."""
+
+    monitor = "val/mIoU"
+    monitor_mode = "max"
+
+    def __init__(
+        self,
+        num_classes: int,
+        ignore_index: int = 255,
+        class_names: list[str] | None = None,
+        example_size: int = 64,
+    ) -> None:
+        super().__init__()
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"task.class_names has {len(class_names)} names for num_classes={num_classes}")
+        self.num_classes = num_classes
+        self.ignore_index = ignore_index
+        self.class_names = class_names or [str(index) for index in range(num_classes)]
+        self.example_size = example_size
+        common = {"num_classes": num_classes, "ignore_index": ignore_index, "validate_args": False}
+        self.metrics = MetricCollection(
+            {
+                "mIoU": MulticlassJaccardIndex(average="macro", **common),
+                "IoU": MulticlassJaccardIndex(average="none", **common),
+                "pixel_acc": MulticlassAccuracy(average="micro", **common),
+            }
+        )
+
+    def example_input(self) -> Tensor:
+        return torch.zeros(2, 3, self.example_size, self.example_size)
+
+    def batch_inputs(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return batch[0]
+
+    def _loss(self, logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
+        if logits.shape[-2:] != masks.shape[-2:]:
+            logits = F.interpolate(logits, size=masks.shape[-2:], mode="bilinear", align_corners=False)
+        return F.cross_entropy(logits.float(), masks.long(), ignore_index=self.ignore_index), logits
+
+    def training_loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        images, masks = batch
+        loss, _ = self._loss(model(images), masks)
+        return loss, {"ce": loss.detach()}
+
+    def validation_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
+        images, masks = batch
+        loss, logits = self._loss(model(images), masks)
+        self.metrics.update(logits.argmax(1), masks)
+        return loss, {}
+
+    def compute_metrics(self) -> dict[str, Tensor]:
+        values = self.metrics.compute()
+        self.metrics.reset()
+        out = {"val/mIoU": values["mIoU"], "val/pixel_acc": values["pixel_acc"]}
+        for name, iou in zip(self.class_names, values["IoU"], strict=True):
+            out[f"val/IoU/{name}"] = iou
+        return out
