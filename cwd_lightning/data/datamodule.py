@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import asdict
 from pathlib import Path
 from typing import Literal
 
@@ -38,7 +39,9 @@ class SegmentationDataModule(L.LightningDataModule):
         download: bool = False,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters()
+        # checkpoints must load with weights_only=True: keep hyperparameters to plain types
+        self.save_hyperparameters(ignore=["shapes"])
+        self.hparams["shapes"] = asdict(shapes) if shapes is not None else None
         self.root = Path(root)
         self.num_classes = num_classes
         self.layout = layout

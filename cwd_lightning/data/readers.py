@@ -43,7 +43,7 @@ def cityscapes_label_lut() -> np.ndarray:
 def read_image(path: Path) -> np.ndarray:
     try:
         with Image.open(path) as image:
-            return np.asarray(image.convert("RGB"))
+            return np.array(image.convert("RGB"))
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read image {path}: {error}") from error
 
@@ -54,7 +54,7 @@ def read_mask(path: Path) -> np.ndarray:
         with Image.open(path) as image:
             if image.mode not in ("P", "L"):
                 raise ValueError(f"mask {path} has mode {image.mode}; expected a palette or grayscale PNG")
-            return np.asarray(image)
+            return np.array(image)
     except (OSError, UnidentifiedImageError) as error:
         raise ValueError(f"cannot read mask {path}: {error}") from error
 
@@ -101,7 +101,7 @@ class SegmentationFiles(Dataset):
         image, mask = self.load(index)
         sample = (
             tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous()),
-            tv_tensors.Mask(torch.from_numpy(mask.copy())),
+            tv_tensors.Mask(torch.from_numpy(mask)),
         )
         if self.transforms is not None:
             sample = self.transforms(*sample)

@@ -39,7 +39,7 @@ class DistillationModule(L.LightningModule):
         warmup_steps: int = 0,
     ) -> None:
         super().__init__()
-        self.save_hyperparameters(ignore=["task", "student", "teacher", "terms"])
+        self.save_hyperparameters(ignore=["task", "student", "teacher", "terms", "optimizer"])
         self.task = task
         self.student = student
         self.terms = list(terms or [])
