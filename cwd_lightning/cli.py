@@ -85,7 +85,8 @@ class DistillCLI(LightningCLI):
             if last.exists():
                 raise RunError(
                     f"{self.run_dir} already holds a run ({last} exists) and nothing saved is overwritten. "
-                    f"Continue it with `make resume EXP={self.run_dir.name}`, or move that folder away to start again."
+                    f"Continue it with `make resume EXP={self.run_dir.name}`, "
+                    "or move that folder away to start again."
                 )
             return None
         path = last if ckpt_path == "last" else Path(ckpt_path)
@@ -142,11 +143,16 @@ class DistillCLI(LightningCLI):
         if isinstance(checkpoint, ModelCheckpoint):
             score = checkpoint.best_model_score
             best = f" ({checkpoint.monitor} = {float(score):.4f})" if score is not None else ""
-            lines += [f"best checkpoint: {checkpoint.best_model_path}{best}", f"last checkpoint: {checkpoint.last_model_path}"]
+            lines += [
+                f"best checkpoint: {checkpoint.best_model_path}{best}",
+                f"last checkpoint: {checkpoint.last_model_path}",
+            ]
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 lines.append(f"W&B run files:   {logger.experiment.dir.removesuffix('/files')}")
-                lines.append(f"                 (upload later with: wandb sync {logger.experiment.dir.removesuffix('/files')})")
+                lines.append(
+                    f"                 (upload later with: wandb sync {logger.experiment.dir.removesuffix('/files')})"
+                )
             if isinstance(logger, CSVLogger):
                 lines.append(f"metrics table:   {Path(logger.log_dir) / 'metrics.csv'}")
         print("\n".join(lines), flush=True)

@@ -143,4 +143,6 @@ def _check_exist(pairs: list[tuple[Path, Path]], source: Path) -> None:
     missing = [str(p) for pair in pairs for p in pair if not p.is_file()]
     if missing:
         more = f" (+{len(missing) - 3} more)" if len(missing) > 3 else ""
-        raise FileNotFoundError(f"{len(missing)} file(s) listed by {source} are missing: {', '.join(missing[:3])}{more}")
+        raise FileNotFoundError(
+            f"{len(missing)} file(s) listed by {source} are missing: {', '.join(missing[:3])}{more}"
+        )

@@ -45,7 +45,9 @@ class ShapesSpec:
 
 def _polygon(kind: str, radius: float) -> list[tuple[float, float]]:
     def regular(n: int, r: float, phase: float = -math.pi / 2) -> list[tuple[float, float]]:
-        return [(r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)]
+        return [
+            (r * math.cos(phase + 2 * math.pi * k / n), r * math.sin(phase + 2 * math.pi * k / n)) for k in range(n)
+        ]
 
     if kind == "square":
         return regular(4, radius * 1.2, math.pi / 4)
@@ -58,7 +60,20 @@ def _polygon(kind: str, radius: float) -> list[tuple[float, float]]:
         return [p for pair in zip(outer, inner, strict=True) for p in pair]
     if kind == "cross":
         a, b = radius, radius * 0.36
-        return [(-b, -a), (b, -a), (b, -b), (a, -b), (a, b), (b, b), (b, a), (-b, a), (-b, b), (-a, b), (-a, -b), (-b, -b)]
+        return [
+            (-b, -a),
+            (b, -a),
+            (b, -b),
+            (a, -b),
+            (a, b),
+            (b, b),
+            (b, a),
+            (-b, a),
+            (-b, b),
+            (-a, b),
+            (-a, -b),
+            (-b, -b),
+        ]
     if kind == "ell":
         a, b = radius, radius * 0.1
         return [(-a, -a), (-b, -a), (-b, b), (a, b), (a, a), (-a, a)]
@@ -84,7 +99,15 @@ def _draw_shape(kind: str, size: int, center: tuple[float, float], radius: float
     elif kind == "crescent":
         draw.ellipse(box, fill=255)
         dx, dy = 0.5 * radius * math.cos(angle), 0.5 * radius * math.sin(angle)
-        draw.ellipse([cx + dx - radius * 0.85, cy + dy - radius * 0.85, cx + dx + radius * 0.85, cy + dy + radius * 0.85], fill=0)
+        draw.ellipse(
+            [
+                cx + dx - radius * 0.85,
+                cy + dy - radius * 0.85,
+                cx + dx + radius * 0.85,
+                cy + dy + radius * 0.85,
+            ],
+            fill=0,
+        )
     else:
         draw.polygon(_rotate(_polygon(kind, radius), angle, center), fill=255)
     return mask
@@ -122,10 +145,13 @@ def _background(rng: np.random.Generator, size: int) -> np.ndarray:
     image = np.asarray(Image.fromarray(coarse).resize((size, size), Image.BICUBIC), dtype=np.float32)
     if rng.random() < 0.5:
         patch = _texture(rng, size)
-        weight = np.asarray(
-            Image.fromarray(rng.uniform(0, 255, size=(3, 3)).astype(np.uint8)).resize((size, size), Image.BICUBIC),
-            dtype=np.float32,
-        )[..., None] / 255.0
+        weight = (
+            np.asarray(
+                Image.fromarray(rng.uniform(0, 255, size=(3, 3)).astype(np.uint8)).resize((size, size), Image.BICUBIC),
+                dtype=np.float32,
+            )[..., None]
+            / 255.0
+        )
         image = image * (1 - 0.6 * weight) + patch * 0.6 * weight
     return image
 
@@ -139,11 +165,19 @@ def _clutter(rng: np.random.Generator, size: int) -> Image.Image:
         draw.line(points, fill=255, width=int(rng.integers(1, 3) * _SUPERSAMPLE))
     for _ in range(rng.integers(0, 3)):
         x, y, r = *rng.uniform(0, size, 2), rng.uniform(0.05, 0.15) * size
-        draw.arc([x - r, y - r, x + r, y + r], rng.uniform(0, 360), rng.uniform(0, 360), fill=255, width=_SUPERSAMPLE)
+        draw.arc(
+            [x - r, y - r, x + r, y + r],
+            rng.uniform(0, 360),
+            rng.uniform(0, 360),
+            fill=255,
+            width=_SUPERSAMPLE,
+        )
     return layer
 
 
-def render_scene(spec: ShapesSpec, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[int]]]]:
+def render_scene(
+    spec: ShapesSpec, rng: np.random.Generator
+) -> tuple[np.ndarray, np.ndarray, list[tuple[int, list[int]]]]:
     """One scene: uint8 image H×W×3, uint8 mask H×W (255 = ambiguous boundary) and (class, box) per
     visible object, box = [xmin, ymin, xmax, ymax] in VOC's 1-based pixel coordinates."""
     size, big = spec.image_size, spec.image_size * _SUPERSAMPLE
@@ -170,7 +204,10 @@ def render_scene(spec: ShapesSpec, rng: np.random.Generator) -> tuple[np.ndarray
         ambiguous = (ambiguous & (alpha < 0.75)) | ((alpha > 0.25) & (alpha < 0.75))
         objects.append(class_id)
 
-    image = np.asarray(Image.fromarray(image.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.4)), dtype=np.float32)
+    image = np.asarray(
+        Image.fromarray(image.clip(0, 255).astype(np.uint8)).filter(ImageFilter.GaussianBlur(0.4)),
+        dtype=np.float32,
+    )
     image += rng.normal(0, rng.uniform(3, 12), image.shape)
     mask = labels.copy()
     mask[ambiguous] = 255

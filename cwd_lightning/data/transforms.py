@@ -20,7 +20,7 @@ def train_transforms(
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Compose:
     """Random scale (shorter side ∈ base_size·scale_range), crop padded with 255 in the mask, flip."""
-    low, high = (int(round(base_size * s)) for s in scale_range)
+    low, high = (round(base_size * s) for s in scale_range)
     return v2.Compose(
         [
             v2.RandomResize(low, high + 1, antialias=True),
@@ -32,13 +32,37 @@ def train_transforms(
     )
 
 
+class PadToMultiple(v2.Transform):
+    """Pad bottom/right so H and W are multiples of ``multiple`` (encoders with stride 32 need it);
+    padded mask pixels are 255, so they never count."""
+
+    def __init__(self, multiple: int = 32) -> None:
+        super().__init__()
+        self.multiple = multiple
+
+    def make_params(self, flat_inputs: list) -> dict:
+        height, width = v2.query_size(flat_inputs)
+        return {"padding": [0, 0, -width % self.multiple, -height % self.multiple]}
+
+    def transform(self, inpt, params: dict):
+        if not any(params["padding"]):
+            return inpt
+        fill = IGNORE_INDEX if isinstance(inpt, tv_tensors.Mask) else 0
+        return v2.functional.pad(inpt, params["padding"], fill=fill)
+
+
 def eval_transforms(
     resize: int | None = None,
     mean: tuple[float, ...] = IMAGENET_MEAN,
     std: tuple[float, ...] = IMAGENET_STD,
 ) -> v2.Compose:
-    """Whole images (optionally shorter side resized), normalised."""
+    """Whole images (optionally shorter side resized), padded to a multiple of 32, normalised."""
     steps = [v2.Resize(resize, antialias=True)] if resize else []
     return v2.Compose(
-        [*steps, v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True), v2.Normalize(mean, std)]
+        [
+            *steps,
+            PadToMultiple(32),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+            v2.Normalize(mean, std),
+        ]
     )

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-import math
+import warnings
 from typing import Any, Literal
 
 import lightning as L
@@ -15,6 +15,9 @@ from cwd_lightning.distill.connectors import build_connector, match_size
 from cwd_lightning.distill.recorder import ForwardRecorder
 from cwd_lightning.distill.terms import DistillTerm, select, split_path
 from cwd_lightning.tasks.base import Task
+
+# the frozen teacher is in eval mode on purpose; Lightning warns about any module in eval mode at fit start
+warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
 class DistillationModule(L.LightningModule):
@@ -184,7 +187,7 @@ class DistillationModule(L.LightningModule):
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         if not torch.isfinite(loss):
             raise FloatingPointError(
-                f"non-finite loss at step {self.global_step}: {({k: float(v) for k, v in logs.items()})}"
+                f"non-finite loss at step {self.global_step}: { ({k: float(v) for k, v in logs.items()}) }"
             )
         return loss
 
@@ -201,9 +204,12 @@ class DistillationModule(L.LightningModule):
             self.log(self.task.monitor.split("/")[-1], metrics[self.task.monitor], prog_bar=True, logger=False)
 
     # ---------------------------------------------------------------- optimisation
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """What the optimiser updates: the student and the connectors, never the teacher."""
+        return [p for p in [*self.student.parameters(), *self.connectors.parameters()] if p.requires_grad]
+
     def configure_optimizers(self) -> dict[str, Any]:
-        parameters = [p for p in [*self.student.parameters(), *self.connectors.parameters()] if p.requires_grad]
-        optimizer = self.optimizer_factory(parameters)
+        optimizer = self.optimizer_factory(self.trainable_parameters())
         total = max(1, int(self.trainer.estimated_stepping_batches))
         if self.lr_schedule == "onecycle":
             max_lrs = [group["lr"] for group in optimizer.param_groups]

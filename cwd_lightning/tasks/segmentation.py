@@ -40,7 +40,9 @@ def build_segmentation_model(
             **kwargs,
         )
     except KeyError as error:
-        raise ValueError(f"segmentation model: unknown arch or encoder ({arch!r}, {encoder_name!r}): {error}") from error
+        raise ValueError(
+            f"segmentation model: unknown arch or encoder ({arch!r}, {encoder_name!r}): {error}"
+        ) from error
     except Exception as error:
         if encoder_weights is None:
             raise

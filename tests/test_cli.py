@@ -1,0 +1,145 @@
+"""Through the command line: every experiment parses; a teacher and a CWD student fit, log, resume
+and export in their run folders, with W&B offline."""
+
+from __future__ import annotations
+
+import contextlib
+import csv
+import io
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cwd_lightning.cli import main
+from cwd_lightning.export import load_student
+
+REPO = Path(__file__).resolve().parents[1]
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_parses(config):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(out.getvalue())
+    assert resolved["model"]["student"]["class_path"].endswith("build_segmentation_model")
+    assert resolved["data"]["init_args"]["num_classes"] == resolved["model"]["task"]["init_args"]["num_classes"]
+    if config.stem.endswith("_cwd"):
+        assert resolved["model"]["teacher_checkpoint"] == f"runs/{config.stem.replace('_cwd', '_teacher')}/best.ckpt"
+        assert resolved["model"]["terms"][0]["loss"]["class_path"].endswith("ChannelWiseDivergence")
+
+
+def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    return subprocess.run([sys.executable, "-m", "cwd_lightning", *args], cwd=cwd, env=env,
+                          capture_output=True, text=True, timeout=600)  # fmt: skip
+
+
+def _tiny_overrides(data_root: Path, steps: int) -> list[str]:
+    return [
+        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2",
+        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
+        "--data.init_args.root", str(data_root), "--data.init_args.shapes", "null",
+        "--data.init_args.crop_size", "32", "--data.init_args.base_size", "32",
+        "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
+        "--model.task.init_args.example_size", "32",
+    ]  # fmt: skip
+
+
+def _metrics(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv") as handle:
+        return list(csv.DictReader(handle))
+
+
+def _column(rows: list[dict[str, str]], key: str) -> list[float]:
+    return [float(row[key]) for row in rows if row.get(key)]
+
+
+@pytest.fixture(scope="module")
+def teacher_run(tiny_shapes, tmp_path_factory):
+    """A tiny teacher run (PSPNet-R18 as in shapes_student) through the CLI, fit for 4 steps."""
+    work = tmp_path_factory.mktemp("work")
+    args = ["fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--experiment", "tiny_teacher",
+            "--runs_root", str(work / "runs"), *_tiny_overrides(tiny_shapes, 4)]  # fmt: skip
+    result = _cli(*args, cwd=work)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return work, work / "runs" / "tiny_teacher", args, result
+
+
+def test_fit_writes_the_run_folder_with_logged_metrics(teacher_run):
+    _, run_dir, _, result = teacher_run
+    for name in ("last.ckpt", "best.ckpt", "config.yaml", "metrics.csv", "wandb_id"):
+        assert (run_dir / name).is_file(), name
+    rows = _metrics(run_dir)
+    assert len(_column(rows, "train/loss_task")) == 4
+    assert all(v > 0 for v in _column(rows, "train/loss_task"))
+    assert len(_column(rows, "val/mIoU")) == 2 and all(0 <= v <= 1 for v in _column(rows, "val/mIoU"))
+    assert _column(rows, "val/IoU/circle")
+    wandb_runs = list((run_dir / "wandb").glob("offline-run-*"))
+    assert len(wandb_runs) == 1
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    record = wandb_runs[0] / f"run-{run_id}.wandb"
+    assert record.is_file() and record.stat().st_size > 1000
+    assert "val/mIoU" in (wandb_runs[0] / "files" / "wandb-summary.json").read_text()
+    assert yaml.safe_load((run_dir / "config.yaml").read_text())["experiment"] == "tiny_teacher"
+    assert f"best checkpoint: {run_dir.resolve() / 'best.ckpt'}" in result.stdout
+
+
+def test_refuses_to_overwrite_a_run_and_resumes_from_last(teacher_run):
+    work, run_dir, args, _ = teacher_run
+    last_before = (run_dir / "last.ckpt").read_bytes()
+    again = _cli(*args, cwd=work)
+    assert again.returncode != 0 and "already holds a run" in again.stderr and "make resume" in again.stderr
+    assert (run_dir / "last.ckpt").read_bytes() == last_before  # nothing saved was touched
+
+    resumed = _cli("fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last",
+                   "--trainer.max_steps", "6", cwd=work)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == 6
+    steps = [int(row["step"]) for row in _metrics(run_dir) if row.get("train/loss_task")]
+    assert steps == [0, 1, 2, 3, 4, 5]  # the first run's rows are kept, the resumed run continues at 4
+    assert len(list((run_dir / "wandb").glob(f"offline-run-*-{(run_dir / 'wandb_id').read_text().strip()}"))) >= 1
+
+
+def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
+    result = _cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
+                  str(tmp_path / "runs"), "--ckpt_path", "last", cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "nothing to resume" in result.stderr and "last.ckpt does not exist" in result.stderr
+
+
+def test_cwd_student_through_the_cli_and_export(teacher_run, tiny_shapes):
+    work, teacher_dir, _, _ = teacher_run
+    result = _cli("fit", "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--runs_root", str(work / "runs"),
+                  "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
+                  "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"),
+                  *_tiny_overrides(tiny_shapes, 2), cwd=work)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = work / "runs" / "shapes_cwd"
+    rows = _metrics(run_dir)
+    assert all(v >= 0 for v in _column(rows, "train/distill/cwd_logits")) and _column(rows, "train/distill/cwd_logits")
+    assert _column(rows, "train/distill_to_task") and _column(rows, "val/distill/cwd_logits")
+    checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
+    assert len(checkpoint["hyper_parameters"]["teacher_fingerprint"]) == 64
+
+    out = work / "exports" / "shapes_cwd"
+    export_cmd = [sys.executable, "-m", "cwd_lightning.export", str(run_dir), str(out)]
+    export = subprocess.run([*export_cmd, "--checkpoint", "last"], cwd=work, capture_output=True, text=True)
+    assert export.returncode == 0, export.stderr[-3000:]
+    student = load_student(out)
+    expected = {k[len("student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
+    assert all(torch.equal(student.state_dict()[k], v) for k, v in expected.items())
+    if (out / "student.pt2").exists():  # plain-PyTorch program, no project code needed
+        program = torch.export.load(out / "student.pt2").module()
+        x = torch.randn(1, 3, 32, 32)
+        torch.testing.assert_close(program(x), student(x), rtol=1e-4, atol=1e-4)
+    again = subprocess.run(export_cmd, cwd=work, capture_output=True, text=True)
+    assert again.returncode != 0 and "nothing is overwritten" in again.stderr

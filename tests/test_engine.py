@@ -1,0 +1,150 @@
+"""DistillationModule: frozen teacher, gradients, connectors, teacher loading and checkpoints."""
+
+from __future__ import annotations
+
+from functools import partial
+
+import lightning as L
+import pytest
+import torch
+
+from cwd_lightning.data.datamodule import SegmentationDataModule
+from cwd_lightning.distill.module import DistillationModule
+from cwd_lightning.distill.teacher import fingerprint
+from cwd_lightning.distill.terms import DistillTerm
+from cwd_lightning.losses import ChannelWiseDivergence
+from cwd_lightning.tasks.segmentation import SegmentationTask, build_segmentation_model
+
+NUM_CLASSES = 11
+
+
+def _net(arch: str = "PSPNet", encoder: str = "resnet18"):
+    return build_segmentation_model(arch, encoder, NUM_CLASSES, encoder_weights=None)
+
+
+@pytest.fixture()
+def teacher_file(tmp_path):
+    torch.manual_seed(0)
+    teacher = _net("FPN", "resnet18")
+    path = tmp_path / "teacher.pt"
+    torch.save(teacher.state_dict(), path)
+    return path
+
+
+def _module(teacher_file, terms=None, **kwargs) -> DistillationModule:
+    terms = terms if terms is not None else [
+        DistillTerm("cwd_logits", "segmentation_head", "segmentation_head", ChannelWiseDivergence(4.0), 3.0)
+    ]  # fmt: skip
+    return DistillationModule(
+        task=SegmentationTask(NUM_CLASSES, example_size=32),
+        student=_net(),
+        teacher=_net("FPN", "resnet18"),
+        teacher_checkpoint=str(teacher_file),
+        terms=terms,
+        optimizer=partial(torch.optim.AdamW, lr=1e-3),
+        **kwargs,
+    )
+
+
+def _datamodule(root) -> SegmentationDataModule:
+    return SegmentationDataModule(str(root), NUM_CLASSES, crop_size=32, base_size=32, batch_size=4,
+                                  val_batch_size=8, num_workers=0)  # fmt: skip
+
+
+class _TeacherModeProbe(L.Callback):
+    def __init__(self) -> None:
+        self.modes: list[bool] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.modes.append(module.teacher.training or any(m.training for m in module.teacher.modules()))
+
+
+def test_teacher_stays_frozen_and_in_eval_mode_across_epochs(teacher_file, tiny_shapes):
+    module = _module(teacher_file)
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    student_before = {k: v.clone() for k, v in module.student.state_dict().items()}
+    probe = _TeacherModeProbe()
+    trainer = L.Trainer(max_epochs=2, limit_train_batches=3, limit_val_batches=1, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False, callbacks=[probe])  # fmt: skip
+    trainer.fit(module, _datamodule(tiny_shapes))
+
+    assert trainer.global_step == 6
+    assert probe.modes == [False] * 6  # Lightning calls .train() every epoch; the teacher stays in eval
+    for key, value in module.teacher.state_dict().items():  # BN running stats included
+        assert torch.equal(value, teacher_before[key]), key
+    assert not any(p.requires_grad for p in module.teacher.parameters())
+    assert any(not torch.equal(v, student_before[k]) for k, v in module.student.state_dict().items())
+    assert module.teacher_fingerprint == fingerprint(module.teacher)
+    hooks = [m for m in (*module.teacher.modules(), *module.student.modules()) if m._forward_hooks]
+    assert hooks == []  # every recorder handle was removed
+    logged = trainer.callback_metrics
+    assert {"train/loss_task", "train/distill/cwd_logits", "train/distill_to_task", "val/mIoU"} <= set(logged)
+    expected_ratio = 3.0 * logged["train/distill/cwd_logits"] / logged["train/loss_task"]
+    assert logged["train/distill_to_task"].item() == pytest.approx(expected_ratio.item(), rel=1e-4)
+
+
+def test_every_student_parameter_receives_a_gradient():
+    """smp's PSPNet builds 5 ResNet stages and uses 3; the builder removes the rest."""
+    student = _net()
+    assert not any(name.startswith("encoder.layer4") for name, _ in student.named_parameters())
+    loss = student(torch.randn(2, 3, 32, 32)).sum()
+    loss.backward()
+    assert [n for n, p in student.named_parameters() if p.grad is None] == []
+
+
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+    with pytest.raises(FileNotFoundError, match=r"teacher checkpoint '.*nope.ckpt' not found.*make train"):
+        _module(tmp_path / "nope.ckpt")
+
+
+def test_teacher_checkpoint_of_another_architecture_lists_keys(tmp_path):
+    other = tmp_path / "other.pt"
+    torch.save(_net("Unet", "resnet18").state_dict(), other)
+    with pytest.raises(ValueError, match=r"does not match the configured teacher architecture") as error:
+        _module(other)
+    assert "missing keys" in str(error.value) and "unexpected keys" in str(error.value)
+
+
+def test_terms_need_a_teacher_and_a_teacher_needs_weights(teacher_file):
+    with pytest.raises(ValueError, match="needs a teacher"):
+        DistillationModule(SegmentationTask(NUM_CLASSES), _net(), terms=[
+            DistillTerm("t", "segmentation_head", "segmentation_head", ChannelWiseDivergence())])  # fmt: skip
+    with pytest.raises(ValueError, match="teacher_checkpoint is not"):
+        DistillationModule(SegmentationTask(NUM_CLASSES), _net(), teacher=_net())
+
+
+def test_shape_mismatch_needs_a_connector_and_connectors_are_trained(teacher_file, tiny_shapes):
+    # PSPNet decoder: 512 channels at stride 8; FPN decoder: 128 channels at stride 4
+    term = partial(DistillTerm, "features", "decoder", "decoder", ChannelWiseDivergence(4.0), 10.0)
+    with pytest.raises(ValueError, match=r"student 'decoder' gives \(512, 4, 4\) but teacher 'decoder' gives "
+                                         r"\(128, 8, 8\).*connector"):  # fmt: skip
+        _module(teacher_file, terms=[term()])
+    module = _module(teacher_file, terms=[term(connector="conv_bn", resize="student_to_teacher")])
+    connector = module.connectors["features"]
+    assert connector[0].in_channels == 512 and connector[0].out_channels == 128
+    optimised = {id(p) for p in module.trainable_parameters()}
+    assert all(id(p) in optimised for p in connector.parameters())
+    assert not any(id(p) in optimised for p in module.teacher.parameters())
+    before = connector[0].weight.detach().clone()
+    trainer = L.Trainer(max_steps=2, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, _datamodule(tiny_shapes))
+    assert not torch.equal(connector[0].weight, before)
+    assert "train/distill/features" in trainer.callback_metrics
+
+
+def test_checkpoints_hold_no_teacher_and_check_its_fingerprint(teacher_file, tmp_path):
+    module = _module(teacher_file)
+    checkpoint = {"state_dict": module.state_dict(), "hyper_parameters": dict(module.hparams)}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["state_dict"] and not any(k.startswith("teacher.") for k in checkpoint["state_dict"])
+    assert checkpoint["hyper_parameters"]["teacher_fingerprint"] == fingerprint(module.teacher)
+
+    module.on_load_checkpoint(checkpoint)  # same teacher: restores its weights for a strict load
+    module.load_state_dict(checkpoint["state_dict"])
+
+    torch.manual_seed(123)
+    other = tmp_path / "other_teacher.pt"
+    torch.save(_net("FPN", "resnet18").state_dict(), other)
+    with pytest.raises(ValueError, match="teacher does not match"):
+        _module(other).on_load_checkpoint({"state_dict": {}, "hyper_parameters": checkpoint["hyper_parameters"]})

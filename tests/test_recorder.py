@@ -1,0 +1,86 @@
+"""Forward hooks by dotted path: capture, bad-path errors, removal."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from cwd_lightning.distill.recorder import ForwardRecorder
+from cwd_lightning.distill.terms import DistillTerm, select
+
+
+def _net() -> nn.Module:
+    return nn.Sequential(
+        nn.Conv2d(3, 4, 3, padding=1),
+        nn.Sequential(nn.ReLU(), nn.Conv2d(4, 5, 1)),
+    )
+
+
+def test_records_outputs_only_inside_the_block():
+    net = _net()
+    recorder = ForwardRecorder(net, ["0", "1.1"], side="student")
+    x = torch.randn(2, 3, 8, 8)
+    net(x)  # outside: nothing recorded
+    assert recorder.outputs == {}
+    with recorder:
+        out = net(x)
+    assert recorder.get("1.1") is not None
+    torch.testing.assert_close(recorder.get("1.1"), out)
+    assert recorder.get("0").shape == (2, 4, 8, 8)
+    with recorder:  # a new step starts empty
+        assert recorder.outputs == {"0": [], "1.1": []}
+
+
+def test_hooks_are_removed_on_exit_even_after_an_error():
+    net = _net()
+    recorder = ForwardRecorder(net, ["0"])
+    with pytest.raises(RuntimeError, match="boom"), recorder:
+        assert len(net[0]._forward_hooks) == 1
+        raise RuntimeError("boom")
+    assert len(net[0]._forward_hooks) == 0
+    assert not recorder.active
+
+
+def test_bad_path_names_the_side_and_close_matches():
+    net = nn.Module()
+    net.decoder = nn.Sequential(nn.Conv2d(1, 1, 1))
+    net.decoder_block = nn.Conv2d(1, 1, 1)
+    with pytest.raises(ValueError, match=r"no module 'decoder.blok' in student; did you mean 'decoder_block'"):
+        ForwardRecorder(net, ["decoder.blok"], side="student")
+    with pytest.raises(ValueError, match=r"in teacher.*top-level modules: 'decoder', 'decoder_block'"):
+        ForwardRecorder(net, ["zzz"], side="teacher")
+
+
+def test_unused_module_gives_a_clear_error():
+    net = _net()
+    net.add_module("unused", nn.Conv2d(1, 1, 1))
+    recorder = ForwardRecorder(net, ["unused"])
+    with recorder:
+        net(torch.randn(1, 3, 4, 4))
+    with pytest.raises(RuntimeError, match=r"'unused'.*no output"):
+        recorder.get("unused")
+
+
+def test_selectors_for_dict_and_tuple_outputs():
+    feats = {"0": torch.zeros(1), "p6": torch.ones(1)}
+    assert select(feats, "p6", "x").item() == 1
+    assert select((torch.zeros(1), torch.ones(2)), "1", "x").shape == (2,)
+    with pytest.raises(KeyError, match="not 'p7'"):
+        select(feats, "p7", "teacher 'fpn[p7]'")
+    with pytest.raises(TypeError, match="add a selector"):
+        select(feats, None, "teacher 'fpn'")
+
+
+def test_term_expands_over_paths_with_labels():
+    term = DistillTerm(
+        name="fpn",
+        student=["fpn[0]", "fpn[p6]"],
+        teacher=["fpn[0]", "fpn[p6]"],
+        loss=nn.MSELoss(),
+    )
+    assert [label for label, _, _ in term.pairs()] == ["0", "p6"]
+    single = DistillTerm(name="logits", student="head", teacher="head", loss=nn.MSELoss())
+    assert single.pairs() == [("", "head", "head")]
+    with pytest.raises(ValueError, match="paired one to one"):
+        DistillTerm(name="bad", student=["a", "b"], teacher="a", loss=nn.MSELoss())
