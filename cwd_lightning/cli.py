@@ -113,8 +113,9 @@ class DistillCLI(LightningCLI):
                 kwargs["logger"] = self._loggers()
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
             kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), *callbacks]
-        else:
+        else:  # validate/test/predict read a run; they write nothing into its folder
             kwargs.setdefault("logger", False)
+            self.save_config_callback = None
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self) -> list[Any]:

@@ -53,8 +53,16 @@ def test_bad_path_names_the_side_and_close_matches():
 
 
 def test_unused_module_gives_a_clear_error():
-    net = _net()
-    net.add_module("unused", nn.Conv2d(1, 1, 1))
+    class WithSpare(nn.Module):
+        def __init__(self) -> None:
+            super().__init__()
+            self.body = _net()
+            self.unused = nn.Conv2d(1, 1, 1)
+
+        def forward(self, x: torch.Tensor) -> torch.Tensor:
+            return self.body(x)
+
+    net = WithSpare()
     recorder = ForwardRecorder(net, ["unused"])
     with recorder:
         net(torch.randn(1, 3, 4, 4))

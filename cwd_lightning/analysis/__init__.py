@@ -1,0 +1,1 @@
+"""Inspection helpers: per-channel spatial distributions, rendering, run reports."""

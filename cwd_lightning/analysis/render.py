@@ -1,0 +1,63 @@
+"""Matplotlib figures (Agg, no screen) rendered to RGB arrays for W&B and to PNG files for reports."""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import matplotlib
+
+matplotlib.use("Agg")
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+
+from cwd_lightning.data.palette import voc_palette  # noqa: E402
+
+
+def figure_to_array(figure: Figure) -> np.ndarray:
+    """H×W×3 uint8 pixels of a figure, which is closed afterwards."""
+    figure.canvas.draw()
+    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
+    plt.close(figure)
+    return pixels
+
+
+def colourise(mask: np.ndarray) -> np.ndarray:
+    """Class-index mask → RGB with the VOC palette (255, ignored, in its usual cream colour)."""
+    palette = np.array(voc_palette(), dtype=np.uint8).reshape(256, 3)
+    return palette[mask.astype(np.int64).clip(0, 255)]
+
+
+def channel_grid(
+    image: np.ndarray,
+    teacher_maps: np.ndarray,
+    student_maps: np.ndarray,
+    channels: Sequence[int],
+    channel_names: Sequence[str] | None,
+    kl: Sequence[float],
+    title: str,
+) -> Figure:
+    """One row per channel: input | teacher distribution | student distribution, one colour scale.
+
+    ``teacher_maps``/``student_maps`` are C×H×W distributions (each map sums to 1), shown as they
+    are, so the colours compare probability mass directly."""
+    shown = np.concatenate([teacher_maps[list(channels)], student_maps[list(channels)]])
+    vmax = float(shown.max()) if shown.size else 1.0
+    rows = max(1, len(channels))
+    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.6), squeeze=False)
+    image_artist = None
+    for row, channel in enumerate(channels):
+        name = f"ch {channel}" + (f" · {channel_names[channel]}" if channel_names else "")
+        axes[row, 0].imshow(image)
+        axes[row, 0].set_title("input", fontsize=8)
+        for column, (side, maps) in enumerate((("teacher", teacher_maps), ("student", student_maps)), start=1):
+            image_artist = axes[row, column].imshow(maps[channel], cmap="magma", vmin=0.0, vmax=vmax)
+            suffix = f"\nKL(T‖S) = {kl[row]:.3f}" if side == "student" else ""
+            axes[row, column].set_title(f"{side} · {name}{suffix}", fontsize=8)
+        for axis in axes[row]:
+            axis.set_axis_off()
+    figure.suptitle(title, fontsize=9)
+    figure.tight_layout()
+    if image_artist is not None:
+        figure.colorbar(image_artist, ax=axes[:, 1:].ravel().tolist(), shrink=0.8, label="p (per map, sums to 1)")
+    return figure
