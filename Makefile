@@ -34,6 +34,7 @@ runs/%/best.ckpt: | $(STAMP)
 	$(PY) -m cwd_lightning fit --config experiments/$*.yaml $(ARGS)
 
 resume: $(STAMP) ## Continue runs/EXP from its last.ckpt (same folder, config and W&B run id)
+	@test -f runs/$(EXP)/last.ckpt || { echo "error: nothing to resume: runs/$(EXP)/last.ckpt does not exist" >&2; exit 2; }
 	$(PY) -m cwd_lightning fit --config runs/$(EXP)/config.yaml --ckpt_path last $(ARGS)
 
 eval: $(STAMP) ## Validate runs/EXP with CKPT (best, last or a path)

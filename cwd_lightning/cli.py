@@ -18,6 +18,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from cwd_lightning.csv_log import AppendingCSVLogger
 from cwd_lightning.distill.module import DistillationModule
 
 WANDB_PROJECT = "cwd_lightning"
@@ -37,6 +38,19 @@ class SaveAndLogConfig(SaveConfigCallback):
         config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config})
+
+
+class LastCheckpoint(ModelCheckpoint):
+    """``last.ckpt`` after every validation and at the end of training, whether or not the monitored
+    metric improved (Lightning's ``save_last`` only refreshes it when a best checkpoint is written)."""
+
+    def __init__(self, dirpath: Path) -> None:
+        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
+
+    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
+        if self._last_global_step_saved != trainer.global_step:
+            self._save_checkpoint(trainer, self.format_checkpoint_name({}))
+            self._last_global_step_saved = trainer.global_step
 
 
 class DistillCLI(LightningCLI):
@@ -104,10 +118,10 @@ class DistillCLI(LightningCLI):
                     filename="best",
                     monitor=self.model.task.monitor,
                     mode=self.model.task.monitor_mode,
-                    save_last=True,
                     save_top_k=1,
                     enable_version_counter=False,
-                )
+                ),
+                LastCheckpoint(self.run_dir),
             ]
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = self._loggers()
@@ -136,17 +150,17 @@ class DistillCLI(LightningCLI):
             offline=os.environ.get("WANDB_MODE", "offline") != "online",
             job_type="distill" if self.model.terms else ("teacher" if "teacher" in experiment else "student"),
         )
-        return [wandb_logger, CSVLogger(save_dir=str(self.run_dir), name="", version="")]
+        return [wandb_logger, AppendingCSVLogger(str(self.run_dir))]
 
     def after_fit(self) -> None:
-        checkpoint = self.trainer.checkpoint_callback
+        checkpoint = self.trainer.checkpoint_callback  # the first ModelCheckpoint: best by the task metric
         lines = [f"run folder:      {self.run_dir}"]
         if isinstance(checkpoint, ModelCheckpoint):
             score = checkpoint.best_model_score
             best = f" ({checkpoint.monitor} = {float(score):.4f})" if score is not None else ""
             lines += [
                 f"best checkpoint: {checkpoint.best_model_path}{best}",
-                f"last checkpoint: {checkpoint.last_model_path}",
+                f"last checkpoint: {(self.run_dir / 'last.ckpt').resolve()}",
             ]
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
@@ -157,6 +171,9 @@ class DistillCLI(LightningCLI):
             if isinstance(logger, CSVLogger):
                 lines.append(f"metrics table:   {Path(logger.log_dir) / 'metrics.csv'}")
         print("\n".join(lines), flush=True)
+        for logger in self.trainer.loggers:
+            if isinstance(logger, WandbLogger):
+                logger.experiment.finish()  # flush the offline record and its summary now, not at exit
 
 
 def main(args: list[str] | None = None) -> None:

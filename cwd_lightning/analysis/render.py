@@ -7,11 +7,11 @@ from collections.abc import Sequence
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from matplotlib.figure import Figure  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from matplotlib.figure import Figure
 
-from cwd_lightning.data.palette import voc_palette  # noqa: E402
+from cwd_lightning.data.palette import voc_palette
 
 
 def figure_to_array(figure: Figure) -> np.ndarray:

@@ -1,0 +1,35 @@
+"""A CSV metrics log that a resumed run appends to (Lightning's CSVLogger deletes it)."""
+
+from __future__ import annotations
+
+import csv
+import os
+
+from lightning.pytorch.loggers import CSVLogger
+from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+
+class _AppendingWriter(ExperimentWriter):
+    def _check_log_dir_exists(self) -> None:
+        """Keep an existing metrics.csv: it holds the rows of the run being resumed."""
+
+    def _record_new_keys(self) -> set[str]:
+        if not self.metrics_keys and os.path.isfile(self.metrics_file_path):
+            with open(self.metrics_file_path, newline="") as handle:
+                self.metrics_keys = list(next(csv.reader(handle), []))
+        return super()._record_new_keys()
+
+
+class AppendingCSVLogger(CSVLogger):
+    """``metrics.csv`` in ``save_dir`` itself; rows from an earlier run of the same folder are kept and
+    new columns extend the header."""
+
+    def __init__(self, save_dir: str) -> None:
+        super().__init__(save_dir=save_dir, name="", version="")
+
+    @property
+    def experiment(self) -> ExperimentWriter:
+        if self._experiment is None:
+            os.makedirs(self.root_dir, exist_ok=True)
+            self._experiment = _AppendingWriter(log_dir=self.log_dir)
+        return self._experiment
