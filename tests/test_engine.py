@@ -148,3 +148,18 @@ def test_checkpoints_hold_no_teacher_and_check_its_fingerprint(teacher_file, tmp
     torch.save(_net("FPN", "resnet18").state_dict(), other)
     with pytest.raises(ValueError, match="teacher does not match"):
         _module(other).on_load_checkpoint({"state_dict": {}, "hyper_parameters": checkpoint["hyper_parameters"]})
+
+
+def test_timm_encoders_plug_in_through_tu_names():
+    student = build_segmentation_model("PSPNet", "tu-mobilenetv3_small_050", 3, encoder_weights=None)
+    assert student(torch.randn(1, 3, 64, 64)).shape == (1, 3, 64, 64)
+    student(torch.randn(2, 3, 32, 32)).sum().backward()
+    assert [n for n, p in student.named_parameters() if p.grad is None] == []
+
+
+def test_missing_imagenet_weights_fail_with_a_clear_message(monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")  # as on a machine without network: no 20 s of retries
+    with pytest.raises(
+        RuntimeError, match=r"could not load 'imagenet' weights for encoder 'resnet18'.*encoder_weights: null"
+    ):
+        build_segmentation_model("PSPNet", "resnet18", 3, encoder_weights="imagenet")
