@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import uuid
 from pathlib import Path
 from typing import Any
@@ -22,6 +23,11 @@ from cwd_lightning.csv_log import AppendingCSVLogger
 from cwd_lightning.distill.module import DistillationModule
 
 WANDB_PROJECT = "cwd_lightning"
+
+
+def experiment_group(experiment: str) -> str:
+    """``shapes_cwd`` → ``shapes``: the runs that compare with each other share a W&B group."""
+    return re.sub(r"_(teacher|student|cwd|distill)\w*$", "", experiment) or experiment
 
 
 class RunError(SystemExit):
@@ -141,6 +147,8 @@ class DistillCLI(LightningCLI):
             run_id = uuid.uuid4().hex[:12]
             id_file.write_text(run_id + "\n")
         experiment = self.run_dir.name
+        role = "distill" if self.model.terms else ("teacher" if "teacher" in experiment else "student")
+        methods = sorted({type(term.loss).__name__ for term in self.model.terms})
         wandb_logger = WandbLogger(
             project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT),
             name=experiment,
@@ -148,7 +156,9 @@ class DistillCLI(LightningCLI):
             resume="allow",
             save_dir=str(self.run_dir),
             offline=os.environ.get("WANDB_MODE", "offline") != "online",
-            job_type="distill" if self.model.terms else ("teacher" if "teacher" in experiment else "student"),
+            group=experiment_group(experiment),  # teacher, baseline and distilled runs side by side
+            job_type=role,
+            tags=[role, *methods] if methods else [role, "baseline" if role == "student" else role],
         )
         return [wandb_logger, AppendingCSVLogger(str(self.run_dir))]
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import contextlib
 import csv
 import io
+import json
 import os
 import subprocess
 import sys
@@ -14,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 import yaml
+from PIL import Image
 
 from cwd_lightning.cli import main
 from cwd_lightning.export import load_student
@@ -128,6 +130,7 @@ def test_cwd_student_through_the_cli_and_export(teacher_run, tiny_shapes):
     rows = _metrics(run_dir)
     assert all(v >= 0 for v in _column(rows, "train/distill/cwd_logits")) and _column(rows, "train/distill/cwd_logits")
     assert _column(rows, "train/distill_to_task") and _column(rows, "val/distill/cwd_logits")
+    _assert_monitor_media(run_dir)
     checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
     assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
     assert len(checkpoint["hyper_parameters"]["teacher_fingerprint"]) == 64
@@ -145,3 +148,26 @@ def test_cwd_student_through_the_cli_and_export(teacher_run, tiny_shapes):
         torch.testing.assert_close(program(x), student(x), rtol=1e-4, atol=1e-4)
     again = subprocess.run(export_cmd, cwd=work, capture_output=True, text=True)
     assert again.returncode != 0 and "nothing is overwritten" in again.stderr
+
+
+def _assert_monitor_media(run_dir: Path) -> None:
+    """The offline W&B run holds the channel maps, KL table/histogram, overlays, IoU table, confusion."""
+    (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
+    media = wandb_run / "files" / "media"
+    for pattern in ("images/channels/cwd_logits/maps_*.png", "images/predictions/overlays_*.png",
+                    "images/predictions/confusion_*.png"):  # fmt: skip
+        (path,) = list(media.glob(pattern))
+        with Image.open(path) as image:
+            image.verify()
+            assert image.format == "PNG" and min(image.size) >= 200, path
+    (kl_table,) = list(media.glob("table/channels/cwd_logits/kl_table_*.table.json"))
+    table = json.loads(kl_table.read_text())
+    assert table["columns"] == ["channel", "name", "kl", "entropy_teacher", "entropy_student"]
+    assert [row[1] for row in table["data"]][:3] == ["background", "circle", "square"] and len(table["data"]) == 11
+    assert all(row[2] >= 0 for row in table["data"])
+    (iou_table,) = list(media.glob("table/predictions/per_class_iou_*.table.json"))
+    assert len(json.loads(iou_table.read_text())["data"]) == 11
+    record = next(wandb_run.glob("run-*.wandb")).read_bytes()
+    assert b"channels/cwd_logits/kl_hist" in record and b"predictions/per_class_iou_bar" in record
+    overhead = json.loads((run_dir / "ChannelDistributionMonitor.json").read_text())
+    assert overhead["calls"] >= 1 and overhead["seconds"] > 0

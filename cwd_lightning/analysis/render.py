@@ -61,3 +61,42 @@ def channel_grid(
     if image_artist is not None:
         figure.colorbar(image_artist, ax=axes[:, 1:].ravel().tolist(), shrink=0.8, label="p (per map, sums to 1)")
     return figure
+
+
+def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndarray:
+    """Blend the palette colour of every non-background pixel over the image (255 shown too)."""
+    colours = colourise(mask).astype(np.float32)
+    blend = np.where((mask > 0)[..., None], (1 - alpha) * image + alpha * colours, image)
+    return blend.clip(0, 255).astype(np.uint8)
+
+
+def prediction_grid(images: Sequence[np.ndarray], columns: dict[str, Sequence[np.ndarray]]) -> Figure:
+    """One row per sample: input, then one palette overlay per named column (ground truth, teacher…)."""
+    titles = ["input", *columns]
+    figure, axes = plt.subplots(len(images), len(titles), figsize=(2.2 * len(titles), 2.2 * len(images)), squeeze=False)
+    for row, image in enumerate(images):
+        panels = [image, *(overlay(image, masks[row]) for masks in columns.values())]
+        for column, (title, panel) in enumerate(zip(titles, panels, strict=True)):
+            axes[row, column].imshow(panel)
+            axes[row, column].set_axis_off()
+            if row == 0:
+                axes[row, column].set_title(title, fontsize=9)
+    figure.tight_layout()
+    return figure
+
+
+def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str = "confusion (rows: truth)") -> Figure:
+    """Row-normalised confusion matrix (each row: where the pixels of that true class went)."""
+    rows = matrix.astype(np.float64)
+    rows = rows / np.maximum(rows.sum(1, keepdims=True), 1)
+    size = max(4.0, 0.45 * len(class_names) + 1.5)
+    figure, axis = plt.subplots(figsize=(size, size))
+    artist = axis.imshow(rows, cmap="Blues", vmin=0, vmax=1)
+    axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
+    axis.set_yticks(range(len(class_names)), class_names, fontsize=7)
+    axis.set_xlabel("predicted")
+    axis.set_ylabel("true")
+    axis.set_title(title, fontsize=9)
+    figure.colorbar(artist, ax=axis, shrink=0.8)
+    figure.tight_layout()
+    return figure

@@ -94,15 +94,12 @@ class DistillationModule(L.LightningModule):
         self.student.train(was_training)
         for term in self.terms:
             for label, student_path, teacher_path in term.pairs():
-                student_tensor, teacher_tensor = self._tapped(student_path, teacher_path)
-                key = self._connector_key(term, label)
                 if term.connector is not None:
-                    self.connectors[key] = build_connector(
+                    student_tensor, teacher_tensor = self._tapped(student_path, teacher_path)
+                    self.connectors[self._connector_key(term, label)] = build_connector(
                         term.connector, student_tensor.shape[1], teacher_tensor.shape[1]
                     )
-                    student_tensor = self.connectors[key](student_tensor)
-                if term.resize is not None:
-                    student_tensor, teacher_tensor = match_size(student_tensor, teacher_tensor, term.resize)
+                student_tensor, teacher_tensor = self._aligned(term, label, student_path, teacher_path)
                 if student_tensor.shape[1:] != teacher_tensor.shape[1:]:
                     raise ValueError(
                         f"distillation term {term.name!r}: student {student_path!r} gives "
@@ -116,6 +113,16 @@ class DistillationModule(L.LightningModule):
     @staticmethod
     def _connector_key(term: DistillTerm, label: str) -> str:
         return f"{term.name}_{label}" if label else term.name
+
+    def _aligned(self, term: DistillTerm, label: str, student_path: str, teacher_path: str) -> tuple[Tensor, Tensor]:
+        """The recorded pair, with the term's connector and resize applied: what its loss compares."""
+        student_tensor, teacher_tensor = self._tapped(student_path, teacher_path)
+        key = self._connector_key(term, label)
+        if key in self.connectors:
+            student_tensor = self.connectors[key](student_tensor)
+        if term.resize is not None:
+            student_tensor, teacher_tensor = match_size(student_tensor, teacher_tensor, term.resize)
+        return student_tensor, teacher_tensor
 
     def _tapped(self, student_path: str, teacher_path: str) -> tuple[Tensor, Tensor]:
         student_module, student_key = split_path(student_path)
@@ -143,13 +150,7 @@ class DistillationModule(L.LightningModule):
         for term in self.terms:
             pair_values = []
             for label, student_path, teacher_path in term.pairs():
-                student_tensor, teacher_tensor = self._tapped(student_path, teacher_path)
-                key = self._connector_key(term, label)
-                if key in self.connectors:
-                    student_tensor = self.connectors[key](student_tensor)
-                if term.resize is not None:
-                    student_tensor, teacher_tensor = match_size(student_tensor, teacher_tensor, term.resize)
-                value = term.loss(student_tensor, teacher_tensor)
+                value = term.loss(*self._aligned(term, label, student_path, teacher_path))
                 pair_values.append(value)
                 if label:
                     values[f"{term.name}/{label}"] = value.detach()
@@ -202,6 +203,34 @@ class DistillationModule(L.LightningModule):
         self.log_dict(metrics, sync_dist=True)
         if self.task.monitor in metrics:
             self.log(self.task.monitor.split("/")[-1], metrics[self.task.monitor], prog_bar=True, logger=False)
+
+    @torch.no_grad()
+    def distillation_pairs(self, batch: Any) -> dict[str, tuple[Tensor, Tensor, float, list[str] | None]]:
+        """For inspection (eval mode, no gradient): per term and pair, the aligned (student, teacher)
+        tensors, the loss's τ (1 if it has none) and channel names when channels are the classes."""
+        if not self.terms:
+            return {}
+        was_training = self.student.training
+        self.student.eval()
+        inputs = self.task.batch_inputs(batch)
+        try:
+            with self.teacher_recorder:
+                self.task.run(self.teacher, inputs)
+            with self.student_recorder:
+                self.task.run(self.student, inputs)
+            pairs = {}
+            class_names = getattr(self.task, "class_names", None)
+            for term in self.terms:
+                for label, student_path, teacher_path in term.pairs():
+                    student, teacher = self._aligned(term, label, student_path, teacher_path)
+                    names = class_names if class_names and len(class_names) == student.shape[1] else None
+                    tau = float(getattr(term.loss, "tau", 1.0))
+                    pairs[f"{term.name}/{label}" if label else term.name] = (student, teacher, tau, names)
+            return pairs
+        finally:
+            self.student.train(was_training)
+            self.student_recorder.clear()
+            self.teacher_recorder.clear()
 
     # ---------------------------------------------------------------- optimisation
     def trainable_parameters(self) -> list[nn.Parameter]:

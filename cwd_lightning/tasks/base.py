@@ -39,5 +39,9 @@ class Task(nn.Module):
         """Aggregate and reset the validation metrics; keys are logged as given (``val/...``)."""
         raise NotImplementedError
 
+    def first_samples(self, batch: Any, count: int) -> Any:
+        """The first ``count`` samples of a batch, as a batch (monitors keep a few to look at)."""
+        raise NotImplementedError
+
     def batch_size(self, batch: Any) -> int:
         return len(self.batch_inputs(batch))

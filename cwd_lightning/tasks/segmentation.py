@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 from torchmetrics import MetricCollection
-from torchmetrics.classification import MulticlassAccuracy, MulticlassJaccardIndex
+from torchmetrics.classification import MulticlassAccuracy, MulticlassConfusionMatrix, MulticlassJaccardIndex
 
 from cwd_lightning.tasks.base import Task
 from cwd_lightning.tasks.pruning import prune_unused_modules
@@ -80,14 +80,20 @@ class SegmentationTask(Task):
                 "mIoU": MulticlassJaccardIndex(average="macro", **common),
                 "IoU": MulticlassJaccardIndex(average="none", **common),
                 "pixel_acc": MulticlassAccuracy(average="micro", **common),
+                "confusion": MulticlassConfusionMatrix(**common),
             }
         )
+        self.last_confusion: Tensor | None = None  # of the last validation, for the prediction monitor
 
     def example_input(self) -> Tensor:
         return torch.zeros(2, 3, self.example_size, self.example_size)
 
     def batch_inputs(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         return batch[0]
+
+    def first_samples(self, batch: tuple[Tensor, Tensor], count: int) -> tuple[Tensor, Tensor]:
+        images, masks = batch
+        return images[:count].detach(), masks[:count].detach()
 
     def _loss(self, logits: Tensor, masks: Tensor) -> tuple[Tensor, Tensor]:
         if logits.shape[-2:] != masks.shape[-2:]:
@@ -108,6 +114,7 @@ class SegmentationTask(Task):
     def compute_metrics(self) -> dict[str, Tensor]:
         values = self.metrics.compute()
         self.metrics.reset()
+        self.last_confusion = values["confusion"].detach().cpu()
         out = {"val/mIoU": values["mIoU"], "val/pixel_acc": values["pixel_acc"]}
         for name, iou in zip(self.class_names, values["IoU"], strict=True):
             out[f"val/IoU/{name}"] = iou
