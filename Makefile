@@ -13,7 +13,7 @@ export WANDB_MODE ?= offline
 # runs (runs/<teacher>/...ckpt) it becomes a file dependency, so the teacher is trained first if missing.
 TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*runs/[^[:space:]]+\.ckpt' experiments/$(EXP).yaml 2>/dev/null | sed -E 's/.*teacher_checkpoint:[[:space:]]*//')
 
-.PHONY: help install train resume eval export test lint format clean distclean
+.PHONY: help install train resume eval export report test lint format clean distclean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -42,6 +42,9 @@ eval: $(STAMP) ## Validate runs/EXP with CKPT (best, last or a path)
 
 export: $(STAMP) ## Write the distilled student of runs/EXP alone to exports/EXP (weights + model config)
 	$(PY) -m cwd_lightning.export runs/$(EXP) exports/$(EXP) --checkpoint $(CKPT)
+
+report: $(STAMP) ## Results table (markdown) and plots from runs/ into reports/ (no network)
+	$(PY) -m cwd_lightning.report --runs runs --out reports
 
 test: $(STAMP) ## Run the test suite (CPU, offline)
 	$(VENV)/bin/pytest -q $(ARGS)

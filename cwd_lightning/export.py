@@ -8,7 +8,6 @@ arguments, classes, input normalisation) and, where ``torch.export`` can trace t
 from __future__ import annotations
 
 import argparse
-import importlib
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +15,7 @@ import torch
 import yaml
 from torch import nn
 
+from cwd_lightning.analysis.runs import build
 from cwd_lightning.distill.teacher import read_weights
 
 
@@ -26,12 +26,6 @@ def _run_config(run_dir: Path) -> dict[str, Any]:
     return yaml.safe_load(config_path.read_text())
 
 
-def build_from_spec(spec: dict[str, Any]) -> nn.Module:
-    """Instantiate ``{class_path, init_args}`` as written by LightningCLI."""
-    module_name, _, attribute = spec["class_path"].rpartition(".")
-    return getattr(importlib.import_module(module_name), attribute)(**spec.get("init_args", {}))
-
-
 def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
@@ -39,7 +33,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "
     config = _run_config(run_dir)
     checkpoint_path = run_dir / f"{checkpoint}.ckpt" if checkpoint in ("best", "last") else Path(checkpoint)
     student_spec = config["model"]["student"]
-    student = build_from_spec(student_spec)
+    student = build(student_spec)
     state = read_weights(checkpoint_path)  # the student's weights ("student." prefix stripped)
     student.load_state_dict(state)
     student.eval()
@@ -73,7 +67,7 @@ def load_student(export_dir: str | Path) -> nn.Module:
     """Rebuild an exported student from ``model.yaml`` + ``student.pt`` (eval mode)."""
     export_dir = Path(export_dir)
     meta = yaml.safe_load((export_dir / "model.yaml").read_text())
-    student = build_from_spec(meta["student"])
+    student = build(meta["student"])
     student.load_state_dict(torch.load(export_dir / "student.pt", map_location="cpu", weights_only=True))
     return student.eval()
 

@@ -7,7 +7,6 @@ import contextlib
 import csv
 import io
 import json
-import os
 import subprocess
 import sys
 from pathlib import Path
@@ -19,6 +18,7 @@ from PIL import Image
 
 from cwd_lightning.cli import main
 from cwd_lightning.export import load_student
+from tests.conftest import run_cli
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -38,23 +38,6 @@ def test_every_experiment_parses(config):
         assert resolved["model"]["terms"][0]["loss"]["class_path"].endswith("ChannelWiseDivergence")
 
 
-def _cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    return subprocess.run([sys.executable, "-m", "cwd_lightning", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
-
-
-def _tiny_overrides(data_root: Path, steps: int) -> list[str]:
-    return [
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2",
-        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-        "--data.init_args.root", str(data_root), "--data.init_args.shapes", "null",
-        "--data.init_args.crop_size", "32", "--data.init_args.base_size", "32",
-        "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-        "--model.task.init_args.example_size", "32",
-    ]  # fmt: skip
-
-
 def _metrics(run_dir: Path) -> list[dict[str, str]]:
     with open(run_dir / "metrics.csv") as handle:
         return list(csv.DictReader(handle))
@@ -62,19 +45,6 @@ def _metrics(run_dir: Path) -> list[dict[str, str]]:
 
 def _column(rows: list[dict[str, str]], key: str) -> list[float]:
     return [float(row[key]) for row in rows if row.get(key)]
-
-
-@pytest.fixture(scope="module")
-def teacher_run(tiny_shapes, tmp_path_factory):
-    """A tiny teacher run (PSPNet-R18 as in shapes_student) through the CLI, fit for 4 steps."""
-    work = tmp_path_factory.mktemp("work")
-    # poly schedule: the resume test extends max_steps, which one-cycle (fixed total) does not allow
-    args = ["fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--experiment", "tiny_teacher",
-            "--runs_root", str(work / "runs"), "--model.lr_schedule", "poly",
-            *_tiny_overrides(tiny_shapes, 4)]  # fmt: skip
-    result = _cli(*args, cwd=work)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return work, work / "runs" / "tiny_teacher", args, result
 
 
 def test_fit_writes_the_run_folder_with_logged_metrics(teacher_run):
@@ -99,11 +69,11 @@ def test_fit_writes_the_run_folder_with_logged_metrics(teacher_run):
 def test_refuses_to_overwrite_a_run_and_resumes_from_last(teacher_run):
     work, run_dir, args, _ = teacher_run
     last_before = (run_dir / "last.ckpt").read_bytes()
-    again = _cli(*args, cwd=work)
+    again = run_cli(*args, cwd=work)
     assert again.returncode != 0 and "already holds a run" in again.stderr and "make resume" in again.stderr
     assert (run_dir / "last.ckpt").read_bytes() == last_before  # nothing saved was touched
 
-    resumed = _cli("fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last",
+    resumed = run_cli("fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last",
                    "--trainer.max_steps", "6", cwd=work)  # fmt: skip
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == 6
@@ -113,20 +83,14 @@ def test_refuses_to_overwrite_a_run_and_resumes_from_last(teacher_run):
 
 
 def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
-    result = _cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
+    result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
                   str(tmp_path / "runs"), "--ckpt_path", "last", cwd=tmp_path)  # fmt: skip
     assert result.returncode != 0
     assert "nothing to resume" in result.stderr and "last.ckpt does not exist" in result.stderr
 
 
-def test_cwd_student_through_the_cli_and_export(teacher_run, tiny_shapes):
-    work, teacher_dir, _, _ = teacher_run
-    result = _cli("fit", "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--runs_root", str(work / "runs"),
-                  "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
-                  "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"),
-                  *_tiny_overrides(tiny_shapes, 2), cwd=work)  # fmt: skip
-    assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = work / "runs" / "shapes_cwd"
+def test_cwd_student_through_the_cli_and_export(cwd_run):
+    work, run_dir = cwd_run
     rows = _metrics(run_dir)
     assert all(v >= 0 for v in _column(rows, "train/distill/cwd_logits")) and _column(rows, "train/distill/cwd_logits")
     assert _column(rows, "train/distill_to_task") and _column(rows, "val/distill/cwd_logits")

@@ -60,7 +60,8 @@ def prune_unused_modules(model: nn.Module, example_input: Any) -> nn.Module:
         _replace(model, _outermost(model, has_params - used))
 
         model.zero_grad(set_to_none=True)
-        sum(t.float().sum() for t in _tensors(model(example_input))).backward()
+        with torch.enable_grad():  # also when the caller disabled gradients (notebooks, inference code)
+            sum(t.float().sum() for t in _tensors(model(example_input))).backward()
         alive = {m for m in model.modules() if any(p.grad is not None for p in m.parameters())}
         model.zero_grad(set_to_none=True)
         candidates = _outermost(model, has_params & set(model.modules()) - alive)
