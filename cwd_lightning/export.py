@@ -9,34 +9,24 @@ from __future__ import annotations
 
 import argparse
 from pathlib import Path
-from typing import Any
 
 import torch
 import yaml
 from torch import nn
 
-from cwd_lightning.analysis.runs import build
-from cwd_lightning.distill.teacher import read_weights
-
-
-def _run_config(run_dir: Path) -> dict[str, Any]:
-    config_path = run_dir / "config.yaml"
-    if not config_path.is_file():
-        raise FileNotFoundError(f"{config_path} not found: is {run_dir} a run folder (make train EXP=...)?")
-    return yaml.safe_load(config_path.read_text())
+from cwd_lightning.analysis.runs import build, load_run
+from cwd_lightning.analysis.runs import load_student as load_trained_student
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
     run_dir, out_dir = Path(run_dir), Path(out_dir)
     if out_dir.exists() and any(out_dir.iterdir()):
         raise FileExistsError(f"{out_dir} already exists and is not empty; nothing is overwritten")
-    config = _run_config(run_dir)
+    run = load_run(run_dir)
+    config = run.config
     checkpoint_path = run_dir / f"{checkpoint}.ckpt" if checkpoint in ("best", "last") else Path(checkpoint)
     student_spec = config["model"]["student"]
-    student = build(student_spec)
-    state = read_weights(checkpoint_path)  # the student's weights ("student." prefix stripped)
-    student.load_state_dict(state)
-    student.eval()
+    student = load_trained_student(run, str(checkpoint_path))
 
     data_args = (config.get("data") or {}).get("init_args", {})
     task_args = config["model"]["task"].get("init_args", {})

@@ -31,8 +31,11 @@ def test_every_experiment_parses(config):
         main(["fit", "--config", str(config), "--print_config"])
     assert exit_info.value.code in (0, None)
     resolved = yaml.safe_load(out.getvalue())
-    assert resolved["model"]["student"]["class_path"].endswith("build_segmentation_model")
-    assert resolved["data"]["init_args"]["num_classes"] == resolved["model"]["task"]["init_args"]["num_classes"]
+    builder = resolved["model"]["student"]["class_path"].rsplit(".", 1)[-1]
+    assert builder in ("build_segmentation_model", "build_detector")
+    data, task = resolved["data"]["init_args"], resolved["model"]["task"]["init_args"]
+    num_data_classes = data["num_classes"] if "num_classes" in data else len(data["class_names"])
+    assert num_data_classes == task["num_classes"] == resolved["model"]["student"]["init_args"]["num_classes"]
     if config.stem.endswith("_cwd"):
         assert resolved["model"]["teacher_checkpoint"] == f"runs/{config.stem.replace('_cwd', '_teacher')}/best.ckpt"
         assert resolved["model"]["terms"][0]["loss"]["class_path"].endswith("ChannelWiseDivergence")
@@ -135,3 +138,25 @@ def _assert_monitor_media(run_dir: Path) -> None:
     assert b"channels/cwd_logits/kl_hist" in record and b"predictions/per_class_iou_bar" in record
     overhead = json.loads((run_dir / "ChannelDistributionMonitor.json").read_text())
     assert overhead["calls"] >= 1 and overhead["seconds"] > 0
+
+
+def test_runs_of_one_family_share_a_wandb_group():
+    from cwd_lightning.cli import experiment_group
+
+    names = ["shapes_teacher", "shapes_student", "shapes_cwd"]
+    assert {experiment_group(name) for name in names} == {"shapes"}
+    assert experiment_group("coco_retinanet_cwd") == "coco_retinanet"
+    assert experiment_group("cityscapes_student") == "cityscapes"
+
+
+def test_report_tables_and_plots_the_runs(cwd_run, tmp_path):
+    from cwd_lightning.report import write_report
+
+    work, _ = cwd_run
+    report = write_report(work / "runs", tmp_path / "reports")
+    text = report.read_text()
+    assert "## tiny" in text and "| tiny_teacher | teacher | PSPNet-resnet18 |" in text
+    assert "| shapes_cwd | distilled | PSPNet-resnet18 |" in text and "best val/mIoU" in text
+    for name in ("shapes_curves.png", "shapes_per_class.png", "shapes_cwd_channels.png"):
+        with Image.open(tmp_path / "reports" / name) as image:
+            assert image.format == "PNG" and min(image.size) > 200

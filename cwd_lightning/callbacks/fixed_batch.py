@@ -84,9 +84,10 @@ class FixedBatchCallback(L.Callback):
 
     @staticmethod
     def display_image(trainer: L.Trainer, image: torch.Tensor) -> np.ndarray:
-        """A normalised C×H×W input back to H×W×3 uint8, with the datamodule's mean/std."""
-        datamodule = trainer.datamodule
-        mean = torch.tensor(getattr(datamodule, "hparams", {}).get("mean", (0.485, 0.456, 0.406))).view(3, 1, 1)
-        std = torch.tensor(getattr(datamodule, "hparams", {}).get("std", (0.229, 0.224, 0.225))).view(3, 1, 1)
+        """A C×H×W input back to H×W×3 uint8, undoing the datamodule's mean/std if it normalises
+        (detection inputs are plain [0, 1] images: the detectors normalise inside)."""
+        hparams = getattr(trainer.datamodule, "hparams", {}) or {}
+        mean = torch.tensor(hparams.get("mean") or (0.0, 0.0, 0.0)).view(3, 1, 1)
+        std = torch.tensor(hparams.get("std") or (1.0, 1.0, 1.0)).view(3, 1, 1)
         pixels = image.detach().float().cpu() * std + mean
         return (pixels.clamp(0, 1).permute(1, 2, 0).numpy() * 255).astype(np.uint8)

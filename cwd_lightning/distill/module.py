@@ -194,7 +194,7 @@ class DistillationModule(L.LightningModule):
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         task_loss, _, _, values = self._losses(batch, self.task.validation_step)
-        logs = {"val/loss_task": task_loss}
+        logs = {"val/loss_task": task_loss} if task_loss is not None else {}  # detectors: no eval loss
         logs.update({f"val/distill/{name}": value for name, value in values.items()})
         self.log_dict(logs, batch_size=self.task.batch_size(batch), sync_dist=True)
 

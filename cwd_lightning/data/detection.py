@@ -1,0 +1,202 @@
+"""Detection data: COCO json and Pascal VOC XML readers, box-aware transforms.v2, collate.
+
+Boxes are ``tv_tensors.BoundingBoxes`` (XYXY, 0-based pixels), labels 1..K (0 is the detectors'
+background). Degenerate boxes (zero width or height) are dropped with a warning that names the file,
+so bad annotations never crash training; images without objects are kept (negatives).
+"""
+
+from __future__ import annotations
+
+import json
+import warnings
+from collections import defaultdict
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from xml.etree import ElementTree as ET
+
+import torch
+from torch.utils.data import Dataset
+from torchvision import tv_tensors
+from torchvision.transforms import v2
+
+from cwd_lightning.data.readers import read_image
+
+Target = dict[str, Any]
+
+
+def _sample(image_path: Path, boxes: list[list[float]], labels: list[int], image_id: int) -> tuple[Any, Target]:
+    image = read_image(image_path)
+    height, width = image.shape[:2]
+    box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    target = {
+        "boxes": tv_tensors.BoundingBoxes(box_tensor, format="XYXY", canvas_size=(height, width)),
+        "labels": torch.tensor(labels, dtype=torch.int64),
+        "image_id": image_id,
+    }
+    return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous()), target
+
+
+def _keep_box(box: list[float], where: str, dropped: list[str]) -> bool:
+    x0, y0, x1, y1 = box
+    if x1 <= x0 or y1 <= y0:
+        dropped.append(f"{where} {[round(v, 2) for v in box]}")
+        return False
+    return True
+
+
+def _warn_dropped(dropped: list[str], source: Path) -> None:
+    if dropped:
+        more = f" (+{len(dropped) - 3} more)" if len(dropped) > 3 else ""
+        warnings.warn(
+            f"{source}: dropped {len(dropped)} degenerate box(es) with zero width or height: "
+            f"{'; '.join(dropped[:3])}{more}",
+            stacklevel=3,
+        )
+
+
+class CocoDetection(Dataset):
+    """``instances_*.json`` + an image folder. Category ids map to labels 1..K in id order; crowd
+    annotations are skipped."""
+
+    def __init__(self, image_dir: str | Path, annotation_file: str | Path, transforms: Callable | None = None) -> None:
+        self.image_dir, self.annotation_file = Path(image_dir), Path(annotation_file)
+        if not self.annotation_file.is_file():
+            raise FileNotFoundError(f"COCO annotation file {self.annotation_file} not found")
+        try:
+            data = json.loads(self.annotation_file.read_text())
+        except json.JSONDecodeError as error:
+            raise ValueError(f"{self.annotation_file} is not valid JSON: {error}") from error
+        for key in ("images", "annotations", "categories"):
+            if key not in data:
+                raise ValueError(f"{self.annotation_file} has no {key!r} list: not a COCO instances file")
+        categories = sorted(data["categories"], key=lambda c: c["id"])
+        self.class_names = [c["name"] for c in categories]
+        self.label_of = {c["id"]: index + 1 for index, c in enumerate(categories)}
+        by_image: dict[int, list[dict]] = defaultdict(list)
+        for annotation in data["annotations"]:
+            by_image[annotation["image_id"]].append(annotation)
+        self.samples: list[tuple[Path, list[list[float]], list[int], int]] = []
+        dropped: list[str] = []
+        for image in sorted(data["images"], key=lambda i: i["id"]):
+            boxes, labels = [], []
+            for annotation in by_image[image["id"]]:
+                if annotation.get("iscrowd", 0):
+                    continue
+                x, y, w, h = annotation["bbox"]
+                if annotation["category_id"] not in self.label_of:
+                    raise ValueError(f"{self.annotation_file}: annotation {annotation.get('id')} has unknown "
+                                     f"category_id {annotation['category_id']}")  # fmt: skip
+                if _keep_box([x, y, x + w, y + h], f"{image['file_name']}", dropped):
+                    boxes.append([x, y, x + w, y + h])
+                    labels.append(self.label_of[annotation["category_id"]])
+            self.samples.append((self.image_dir / image["file_name"], boxes, labels, image["id"]))
+        _warn_dropped(dropped, self.annotation_file)
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        sample = _sample(*self.samples[index])
+        return self.transforms(*sample) if self.transforms else sample
+
+
+class VocXmlDetection(Dataset):
+    """Pascal VOC layout: ``ImageSets/Main/<split>.txt``, ``JPEGImages/``, ``Annotations/*.xml``.
+    ``class_names`` (without background) fixes the labels; VOC's 1-based pixel boxes become 0-based."""
+
+    def __init__(
+        self,
+        root: str | Path,
+        split: str,
+        class_names: list[str],
+        transforms: Callable | None = None,
+        keep_difficult: bool = False,
+    ) -> None:
+        self.root = Path(root)
+        list_file = self.root / "ImageSets" / "Main" / f"{split}.txt"
+        if not list_file.is_file():
+            raise FileNotFoundError(f"split file {list_file} not found (Pascal VOC layout expected)")
+        self.class_names = list(class_names)
+        label_of = {name: index + 1 for index, name in enumerate(self.class_names)}
+        self.samples = []
+        dropped: list[str] = []
+        for name in (line.split()[0] for line in list_file.read_text().splitlines() if line.strip()):
+            xml_path = self.root / "Annotations" / f"{name}.xml"
+            try:
+                tree = ET.parse(xml_path)
+            except (OSError, ET.ParseError) as error:
+                raise ValueError(f"cannot read annotation {xml_path}: {error}") from error
+            boxes, labels = [], []
+            for obj in tree.findall("object"):
+                label = obj.findtext("name", "").strip()
+                if label not in label_of:
+                    raise ValueError(f"{xml_path}: object class {label!r} is not one of {self.class_names}")
+                if obj.findtext("difficult", "0").strip() == "1" and not keep_difficult:
+                    continue
+                box = obj.find("bndbox")
+                x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
+                if _keep_box([x0 - 1, y0 - 1, x1, y1], xml_path.name, dropped):
+                    boxes.append([x0 - 1, y0 - 1, x1, y1])  # VOC pixel indices are inclusive and 1-based
+                    labels.append(label_of[label])
+            self.samples.append((self.root / "JPEGImages" / f"{name}.jpg", boxes, labels, len(self.samples)))
+        _warn_dropped(dropped, self.root / "Annotations")
+        self.transforms = transforms
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        sample = _sample(*self.samples[index])
+        return self.transforms(*sample) if self.transforms else sample
+
+
+def voc_to_coco(root: str | Path, split: str, class_names: list[str], out: str | Path | None = None) -> Path:
+    """Write the VOC XML boxes of ``split`` as a COCO ``instances_<split>.json`` (images in JPEGImages/)."""
+    dataset = VocXmlDetection(root, split, class_names, keep_difficult=True)
+    images, annotations = [], []
+    for image_id, (path, boxes, labels, _) in enumerate(dataset.samples):
+        height, width = read_image(path).shape[:2]
+        images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})
+        for (x0, y0, x1, y1), label in zip(boxes, labels, strict=True):
+            width_, height_ = x1 - x0, y1 - y0
+            annotation = {"id": len(annotations) + 1, "image_id": image_id, "category_id": label,
+                          "bbox": [x0, y0, width_, height_], "area": width_ * height_, "iscrowd": 0}  # fmt: skip
+            annotations.append(annotation)
+    categories = [{"id": index + 1, "name": name} for index, name in enumerate(class_names)]
+    out = Path(out) if out else Path(root) / "annotations" / f"instances_{split}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    return out
+
+
+def detection_train_transforms(
+    size: int, scale_range: tuple[float, float] = (0.75, 1.25), crop: bool = True
+) -> v2.Compose:
+    """Random scale (shorter side), flip and, with ``crop``, a size×size crop (boxes clipped, empty ones
+    dropped); float in [0, 1] (torchvision detectors normalise inside their own transform)."""
+    low, high = (round(size * s) for s in scale_range)
+    crop_steps = [v2.RandomCrop(size, pad_if_needed=True, fill=0)] if crop else []
+    return v2.Compose(
+        [
+            v2.RandomResize(low, high + 1, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *crop_steps,
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        ]
+    )
+
+
+def detection_eval_transforms() -> v2.Compose:
+    return v2.Compose([v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)])
+
+
+def collate_detection(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:
+    """Images and targets as lists: every image has its own number of boxes."""
+    images, targets = zip(*batch, strict=True)
+    return [image.as_subclass(torch.Tensor) for image in images], [
+        {**target, "boxes": target["boxes"].as_subclass(torch.Tensor)} for target in targets
+    ]

@@ -1,0 +1,148 @@
+"""Object detection: torchvision RetinaNet / FCOS / Faster R-CNN on ResNet or timm backbones with an
+FPN, the detectors' own losses, COCO mAP with torchmetrics."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Literal
+
+import torch
+from torch import Tensor, nn
+from torchmetrics.detection import MeanAveragePrecision
+from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
+from torchvision.models.detection.anchor_utils import AnchorGenerator
+from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.ops import FeaturePyramidNetwork
+from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
+from torchvision.ops.misc import FrozenBatchNorm2d
+
+from cwd_lightning.tasks.base import Task
+
+Images = list[Tensor]
+Targets = list[dict[str, Tensor]]
+
+
+class TimmFPNBackbone(nn.Module):
+    """A timm ``features_only`` encoder under torchvision's ``FeaturePyramidNetwork``: the same
+    interface as torchvision's ``BackboneWithFPN`` (``.body``, ``.fpn``, ``.out_channels``)."""
+
+    def __init__(self, name: str, out_channels: int, pretrained: bool, extra_blocks: nn.Module) -> None:
+        super().__init__()
+        import timm
+
+        self.body = timm.create_model(name, pretrained=pretrained, features_only=True, out_indices=(2, 3, 4))
+        self.fpn = FeaturePyramidNetwork(self.body.feature_info.channels(), out_channels, extra_blocks=extra_blocks)
+        self.out_channels = out_channels
+
+    def forward(self, x: Tensor) -> OrderedDict[str, Tensor]:
+        return self.fpn(OrderedDict((str(i), feature) for i, feature in enumerate(self.body(x))))
+
+
+def build_detector(
+    arch: Literal["retinanet", "fcos", "fasterrcnn"] = "retinanet",
+    backbone: str = "resnet50",
+    num_classes: int = 80,
+    backbone_weights: Literal["imagenet"] | None = "imagenet",
+    min_size: int = 800,
+    max_size: int = 1333,
+    fpn_channels: int = 256,
+    anchor_sizes: list[int] | None = None,
+    trainable_layers: int = 5,
+) -> nn.Module:
+    """A torchvision detector; ``backbone`` is any torchvision ResNet (``resnet18`` … ``resnet152``) or a
+    timm model as ``tu-<name>``. ``num_classes`` counts foreground classes (labels 1..K).
+
+    ``min_size``/``max_size`` set the detectors' internal resize (800 px by default in torchvision,
+    10-20 s a step on a CPU): the data pipeline's image size should decide it. ``anchor_sizes`` (one
+    base size per pyramid level, RetinaNet) must suit the object sizes at that resolution.
+    """
+    one_stage = arch in ("retinanet", "fcos")
+    extra = LastLevelP6P7(fpn_channels, fpn_channels) if one_stage else LastLevelMaxPool()
+    pretrained = backbone_weights == "imagenet"
+    try:
+        if backbone.startswith("tu-"):
+            body = TimmFPNBackbone(backbone[3:], fpn_channels, pretrained, extra)
+        else:
+            from torchvision.models import get_model_weights
+
+            weights = get_model_weights(backbone).IMAGENET1K_V1 if pretrained else None
+            body = resnet_fpn_backbone(
+                backbone_name=backbone,
+                weights=weights,
+                # frozen BN statistics only make sense for pretrained weights; from scratch BN must learn
+                norm_layer=FrozenBatchNorm2d if pretrained else nn.BatchNorm2d,
+                trainable_layers=trainable_layers if pretrained else 5,
+                returned_layers=[2, 3, 4] if one_stage else [1, 2, 3, 4],
+                extra_blocks=extra,
+            )
+            if fpn_channels != 256:
+                raise ValueError("torchvision ResNet-FPN backbones have 256 channels; use fpn_channels: 256")
+    except (OSError, RuntimeError) as error:
+        if not pretrained:
+            raise
+        raise RuntimeError(
+            f"could not load ImageNet weights for backbone {backbone!r} ({type(error).__name__}: {error}). "
+            "They are downloaded on first use; connect once, or set backbone_weights: null."
+        ) from error
+    common = {"min_size": min_size, "max_size": max_size}
+    if arch == "retinanet":
+        anchors = None
+        if anchor_sizes is not None:
+            sizes = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in anchor_sizes)
+            anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
+        return RetinaNet(body, num_classes + 1, anchor_generator=anchors, **common)
+    if arch == "fcos":
+        return FCOS(body, num_classes + 1, **common)
+    if arch == "fasterrcnn":
+        return FasterRCNN(body, num_classes + 1, **common)
+    raise ValueError(f"unknown detector arch {arch!r}; choose retinanet, fcos or fasterrcnn")
+
+
+class DetectionTask(Task):
+    """The detector computes its own losses in train mode; validation runs it in eval mode and feeds
+    the detections to torchmetrics' COCO mAP (pycocotools backend)."""
+
+    monitor = "val/mAP"
+    monitor_mode = "max"
+
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, example_size: int = 64) -> None:
+        super().__init__()
+        self.num_classes = num_classes
+        self.class_names = class_names
+        self.example_size = example_size
+        self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+
+    def example_input(self) -> Images:
+        return [torch.zeros(3, self.example_size, self.example_size) for _ in range(2)]
+
+    def run(self, model: nn.Module, images: Images) -> Any:
+        """What distillation needs of a detector: its own resize/normalise, then the backbone + FPN."""
+        image_list, _ = model.transform(images)
+        return model.backbone(image_list.tensors)
+
+    def batch_inputs(self, batch: tuple[Images, Targets]) -> Images:
+        return batch[0]
+
+    def first_samples(self, batch: tuple[Images, Targets], count: int) -> tuple[Images, Targets]:
+        return batch[0][:count], batch[1][:count]
+
+    def training_loss(self, model: nn.Module, batch: tuple[Images, Targets]) -> tuple[Tensor, dict[str, Tensor]]:
+        images, targets = batch
+        losses = model(images, [{"boxes": t["boxes"], "labels": t["labels"]} for t in targets])
+        return sum(losses.values()), {name: value.detach() for name, value in losses.items()}
+
+    def validation_step(self, model: nn.Module, batch: tuple[Images, Targets]) -> tuple[Tensor | None, dict]:
+        images, targets = batch
+        detections = model(images)
+        self.metric.update(
+            [{k: d[k].float() if k != "labels" else d[k] for k in ("boxes", "scores", "labels")} for d in detections],
+            [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets],
+        )
+        return None, {}  # torchvision detectors give no loss in eval mode
+
+    def compute_metrics(self) -> dict[str, Tensor]:
+        values = self.metric.compute()
+        self.metric.reset()
+        names = {"map": "mAP", "map_50": "mAP50", "map_75": "mAP75", "map_small": "mAP_small",
+                 "map_medium": "mAP_medium", "map_large": "mAP_large"}  # fmt: skip
+        return {f"val/{name}": values[key].float() for key, name in names.items()}
