@@ -160,3 +160,34 @@ def test_report_tables_and_plots_the_runs(cwd_run, tmp_path):
     for name in ("shapes_curves.png", "shapes_per_class.png", "shapes_cwd_channels.png"):
         with Image.open(tmp_path / "reports" / name) as image:
             assert image.format == "PNG" and min(image.size) > 200
+
+
+def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path):
+    """shapes_det_cwd shrunk to 2 steps: a RetinaNet-R18 teacher from a state_dict file (the same
+    architecture as the student, to keep it small), CWD over the five FPN levels."""
+    from cwd_lightning.tasks.detection import build_detector
+
+    net = REPO / "experiments" / "common" / "shapes_det_student_net.yaml"
+    teacher_file = tmp_path / "teacher.pt"
+    torch.save(build_detector(**yaml.safe_load(net.read_text())["init_args"]).state_dict(), teacher_file)
+    result = run_cli(
+        "fit", "--config", str(REPO / "experiments" / "shapes_det_cwd.yaml"), "--runs_root", str(tmp_path / "runs"),
+        "--model.teacher", str(net), "--model.teacher_checkpoint", str(teacher_file),
+        "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
+        "--trainer.enable_progress_bar", "false", "--data.init_args.root", str(tmp_path / "shapes"),
+        "--data.init_args.shapes.num_train", "16", "--data.init_args.shapes.num_val", "8",
+        "--data.init_args.batch_size", "4", "--data.init_args.val_batch_size", "4", "--data.init_args.num_workers", "0",
+        cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = tmp_path / "runs" / "shapes_det_cwd"
+    rows = _metrics(run_dir)
+    for level in ("0", "1", "2", "p6", "p7"):
+        assert len(_column(rows, f"train/distill/cwd_fpn/{level}")) == 2, level
+    assert _column(rows, "train/loss_task/classification") and _column(rows, "train/loss_task/bbox_regression")
+    assert len(_column(rows, "val/mAP")) == 1 and _column(rows, "val/mAP50")
+    checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
+    (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
+    for level in ("0", "p7"):  # the channel monitor needs no detection special case
+        assert list(wandb_run.glob(f"files/media/images/channels/cwd_fpn/{level}/maps_*.png")), level

@@ -167,7 +167,8 @@ def test_torchmetrics_map_agrees_with_cocoeval():
 
 
 @pytest.mark.parametrize(
-    ("arch", "backbone"), [("retinanet", "resnet18"), ("fcos", "resnet18"), ("retinanet", "tu-resnet10t")]
+    ("arch", "backbone"),
+    [("retinanet", "resnet18"), ("fcos", "resnet18"), ("fasterrcnn", "resnet18"), ("retinanet", "tu-resnet10t")],
 )
 def test_detectors_train_and_predict_at_the_configured_size(arch, backbone):
     model = build_detector(arch, backbone, num_classes=3, backbone_weights=None, min_size=64, max_size=64,
@@ -178,7 +179,8 @@ def test_detectors_train_and_predict_at_the_configured_size(arch, backbone):
     losses = model(images, targets)
     assert all(torch.isfinite(v) for v in losses.values()) and len(losses) >= 2
     features = DetectionTask(3).run(model, images)
-    assert list(features) == LEVELS and features["0"].shape[-2:] == (8, 8)  # no 800-px resize
+    levels, stride = (["0", "1", "2", "3", "pool"], 4) if arch == "fasterrcnn" else (LEVELS, 8)
+    assert list(features) == levels and features["0"].shape[-2:] == (64 // stride, 64 // stride)  # no 800-px resize
     model.eval()
     assert {"boxes", "scores", "labels"} <= set(model(images)[0])
 

@@ -44,7 +44,7 @@ def channel_grid(
     shown = np.concatenate([teacher_maps[list(channels)], student_maps[list(channels)]])
     vmax = float(shown.max()) if shown.size else 1.0
     rows = max(1, len(channels))
-    figure, axes = plt.subplots(rows, 3, figsize=(7.5, 2.3 * rows + 0.6), squeeze=False)
+    figure, axes = plt.subplots(rows, 3, figsize=(8.0, 2.3 * rows + 0.6), squeeze=False, layout="constrained")
     image_artist = None
     for row, channel in enumerate(channels):
         name = f"ch {channel}" + (f" · {channel_names[channel]}" if channel_names else "")
@@ -57,7 +57,6 @@ def channel_grid(
         for axis in axes[row]:
             axis.set_axis_off()
     figure.suptitle(title, fontsize=9)
-    figure.tight_layout()
     if image_artist is not None:
         figure.colorbar(image_artist, ax=axes[:, 1:].ravel().tolist(), shrink=0.8, label="p (per map, sums to 1)")
     return figure
