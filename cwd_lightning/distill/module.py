@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any, Literal
 
 import lightning as L
@@ -18,6 +20,19 @@ from cwd_lightning.tasks.base import Task
 
 # the frozen teacher is in eval mode on purpose; Lightning warns about any module in eval mode at fit start
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
+
+
+@contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block (no BN statistics moved, no dropout), previous modes restored after."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
 
 
 class DistillationModule(L.LightningModule):
@@ -86,12 +101,9 @@ class DistillationModule(L.LightningModule):
         """One small forward of both models: checks that every tapped tensor exists, builds connectors
         with the right channel counts, and fails now, not at step 1, on a shape mismatch."""
         example = self.task.example_input()
-        was_training = self.student.training
-        self.student.eval()
-        with torch.no_grad(), self.student_recorder, self.teacher_recorder:
+        with torch.no_grad(), evaluating(self.student), self.student_recorder, self.teacher_recorder:
             self.task.run(self.student, example)
             self.task.run(self.teacher, example)
-        self.student.train(was_training)
         for term in self.terms:
             for label, student_path, teacher_path in term.pairs():
                 if term.connector is not None:
@@ -99,7 +111,8 @@ class DistillationModule(L.LightningModule):
                     self.connectors[self._connector_key(term, label)] = build_connector(
                         term.connector, student_tensor.shape[1], teacher_tensor.shape[1]
                     )
-                student_tensor, teacher_tensor = self._aligned(term, label, student_path, teacher_path)
+                with torch.no_grad(), evaluating(self.connectors):  # no BN statistics moved by the probe
+                    student_tensor, teacher_tensor = self._aligned(term, label, student_path, teacher_path)
                 if student_tensor.shape[1:] != teacher_tensor.shape[1:]:
                     raise ValueError(
                         f"distillation term {term.name!r}: student {student_path!r} gives "
@@ -210,25 +223,23 @@ class DistillationModule(L.LightningModule):
         tensors, the loss's τ (1 if it has none) and channel names when channels are the classes."""
         if not self.terms:
             return {}
-        was_training = self.student.training
-        self.student.eval()
         inputs = self.task.batch_inputs(batch)
         try:
-            with self.teacher_recorder:
-                self.task.run(self.teacher, inputs)
-            with self.student_recorder:
-                self.task.run(self.student, inputs)
-            pairs = {}
-            class_names = getattr(self.task, "class_names", None)
-            for term in self.terms:
-                for label, student_path, teacher_path in term.pairs():
-                    student, teacher = self._aligned(term, label, student_path, teacher_path)
-                    names = class_names if class_names and len(class_names) == student.shape[1] else None
-                    tau = float(getattr(term.loss, "tau", 1.0))
-                    pairs[f"{term.name}/{label}" if label else term.name] = (student, teacher, tau, names)
-            return pairs
+            with evaluating(self.student, self.connectors):
+                with self.teacher_recorder:
+                    self.task.run(self.teacher, inputs)
+                with self.student_recorder:
+                    self.task.run(self.student, inputs)
+                pairs = {}
+                class_names = getattr(self.task, "class_names", None)
+                for term in self.terms:
+                    for label, student_path, teacher_path in term.pairs():
+                        student, teacher = self._aligned(term, label, student_path, teacher_path)
+                        names = class_names if class_names and len(class_names) == student.shape[1] else None
+                        tau = float(getattr(term.loss, "tau", 1.0))
+                        pairs[f"{term.name}/{label}" if label else term.name] = (student, teacher, tau, names)
+                return pairs
         finally:
-            self.student.train(was_training)
             self.student_recorder.clear()
             self.teacher_recorder.clear()
 
