@@ -218,3 +218,11 @@ def test_fpn_distillation_logs_every_level_and_keeps_the_teacher_frozen(tiny_sha
     assert {"train/loss_task/classification", "train/loss_task/bbox_regression", "val/mAP", "val/mAP50"} <= set(logged)
     assert all(torch.equal(v, before[k]) for k, v in module.teacher.state_dict().items())
     assert not module.teacher.training
+
+
+def test_group_norm_head_for_training_from_scratch():
+    model = build_detector("retinanet", "resnet18", 3, None, min_size=64, max_size=64, head_norm="group")
+    norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
+    assert len(norms) == 8  # 4 per sub-head
+    target = {"boxes": torch.tensor([[4.0, 4.0, 30.0, 30.0]]), "labels": torch.tensor([2])}
+    assert torch.isfinite(sum(model([torch.rand(3, 64, 64)], [target]).values()))

@@ -4,6 +4,7 @@ FPN, the detectors' own losses, COCO mAP with torchmetrics."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from functools import partial
 from typing import Any, Literal
 
 import torch
@@ -12,6 +13,7 @@ from torchmetrics.detection import MeanAveragePrecision
 from torchvision.models.detection import FCOS, FasterRCNN, RetinaNet
 from torchvision.models.detection.anchor_utils import AnchorGenerator
 from torchvision.models.detection.backbone_utils import resnet_fpn_backbone
+from torchvision.models.detection.retinanet import RetinaNetHead
 from torchvision.ops import FeaturePyramidNetwork
 from torchvision.ops.feature_pyramid_network import LastLevelMaxPool, LastLevelP6P7
 from torchvision.ops.misc import FrozenBatchNorm2d
@@ -48,6 +50,7 @@ def build_detector(
     fpn_channels: int = 256,
     anchor_sizes: list[int] | None = None,
     trainable_layers: int = 5,
+    head_norm: Literal["group"] | None = None,
 ) -> nn.Module:
     """A torchvision detector; ``backbone`` is any torchvision ResNet (``resnet18`` … ``resnet152``) or a
     timm model as ``tu-<name>``. ``num_classes`` counts foreground classes (labels 1..K).
@@ -55,6 +58,8 @@ def build_detector(
     ``min_size``/``max_size`` set the detectors' internal resize (800 px by default in torchvision,
     10-20 s a step on a CPU): the data pipeline's image size should decide it. ``anchor_sizes`` (one
     base size per pyramid level, RetinaNet) must suit the object sizes at that resolution.
+    ``head_norm: group`` puts GroupNorm(32) in the RetinaNet head (torchvision's v2 recipe), which
+    trains from scratch much more readily than the plain head.
     """
     one_stage = arch in ("retinanet", "fcos")
     extra = LastLevelP6P7(fpn_channels, fpn_channels) if one_stage else LastLevelMaxPool()
@@ -86,11 +91,14 @@ def build_detector(
         ) from error
     common = {"min_size": min_size, "max_size": max_size}
     if arch == "retinanet":
-        anchors = None
+        anchors = None  # torchvision's: 32-512 px, 3 scales × 3 ratios per level
         if anchor_sizes is not None:
-            sizes = tuple((s, round(s * 2 ** (1 / 3)), round(s * 2 ** (2 / 3))) for s in anchor_sizes)
+            sizes = tuple((s, int(s * 2 ** (1 / 3)), int(s * 2 ** (2 / 3))) for s in anchor_sizes)
             anchors = AnchorGenerator(sizes, ((0.5, 1.0, 2.0),) * len(sizes))
-        return RetinaNet(body, num_classes + 1, anchor_generator=anchors, **common)
+        head = None
+        if head_norm == "group":
+            head = RetinaNetHead(fpn_channels, 9, num_classes + 1, norm_layer=partial(nn.GroupNorm, 32))
+        return RetinaNet(body, num_classes + 1, anchor_generator=anchors, head=head, **common)
     if arch == "fcos":
         return FCOS(body, num_classes + 1, **common)
     if arch == "fasterrcnn":
