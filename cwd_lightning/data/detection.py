@@ -55,7 +55,21 @@ def _warn_dropped(dropped: list[str], source: Path) -> None:
         )
 
 
-class CocoDetection(Dataset):
+class _BoxDataset(Dataset):
+    """(image path, boxes, labels, image id) samples, read and transformed on access."""
+
+    samples: list[tuple[Path, list[list[float]], list[int], int]]
+    transforms: Callable | None
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
+        sample = _sample(*self.samples[index])
+        return self.transforms(*sample) if self.transforms else sample
+
+
+class CocoDetection(_BoxDataset):
     """``instances_*.json`` + an image folder. Category ids map to labels 1..K in id order; crowd
     annotations are skipped."""
 
@@ -76,7 +90,7 @@ class CocoDetection(Dataset):
         by_image: dict[int, list[dict]] = defaultdict(list)
         for annotation in data["annotations"]:
             by_image[annotation["image_id"]].append(annotation)
-        self.samples: list[tuple[Path, list[list[float]], list[int], int]] = []
+        self.samples = []
         dropped: list[str] = []
         for image in sorted(data["images"], key=lambda i: i["id"]):
             boxes, labels = [], []
@@ -94,15 +108,8 @@ class CocoDetection(Dataset):
         _warn_dropped(dropped, self.annotation_file)
         self.transforms = transforms
 
-    def __len__(self) -> int:
-        return len(self.samples)
 
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        sample = _sample(*self.samples[index])
-        return self.transforms(*sample) if self.transforms else sample
-
-
-class VocXmlDetection(Dataset):
+class VocXmlDetection(_BoxDataset):
     """Pascal VOC layout: ``ImageSets/Main/<split>.txt``, ``JPEGImages/``, ``Annotations/*.xml``.
     ``class_names`` (without background) fixes the labels; VOC's 1-based pixel boxes become 0-based."""
 
@@ -143,13 +150,6 @@ class VocXmlDetection(Dataset):
             self.samples.append((self.root / "JPEGImages" / f"{name}.jpg", boxes, labels, len(self.samples)))
         _warn_dropped(dropped, self.root / "Annotations")
         self.transforms = transforms
-
-    def __len__(self) -> int:
-        return len(self.samples)
-
-    def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        sample = _sample(*self.samples[index])
-        return self.transforms(*sample) if self.transforms else sample
 
 
 def voc_to_coco(root: str | Path, split: str, class_names: list[str], out: str | Path | None = None) -> Path:
