@@ -174,10 +174,9 @@ class DistillCLI(LightningCLI):
             ]
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
-                lines.append(f"W&B run files:   {logger.experiment.dir.removesuffix('/files')}")
-                lines.append(
-                    f"                 (upload later with: wandb sync {logger.experiment.dir.removesuffix('/files')})"
-                )
+                wandb_dir = logger.experiment.dir.removesuffix("/files")
+                lines.append(f"W&B run files:   {wandb_dir}")
+                lines.append(f"                 (upload later with: wandb sync {wandb_dir})")
             if isinstance(logger, CSVLogger):
                 lines.append(f"metrics table:   {Path(logger.log_dir) / 'metrics.csv'}")
         print("\n".join(lines), flush=True)

@@ -24,9 +24,9 @@ def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "
         raise FileExistsError(f"{out_dir} already exists and is not empty; nothing is overwritten")
     run = load_run(run_dir)
     config = run.config
-    checkpoint_path = run_dir / f"{checkpoint}.ckpt" if checkpoint in ("best", "last") else Path(checkpoint)
+    checkpoint_path = run.checkpoint(checkpoint)
     student_spec = config["model"]["student"]
-    student = load_trained_student(run, str(checkpoint_path))
+    student = load_trained_student(run, checkpoint)
 
     data_args = (config.get("data") or {}).get("init_args", {})
     task_args = config["model"]["task"].get("init_args", {})

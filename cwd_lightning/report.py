@@ -90,7 +90,7 @@ def write_report(runs_root: str | Path = "runs", out: str | Path = "reports") ->
             delta = f"{best - baseline:+.4f}" if None not in (best, baseline) and run.role == "distilled" else ""
             lines.append(
                 f"| {run.name} | {run.role} | {run.network()} | {steps[-1] + 1 if steps else 0} | "
-                f"{_format(run.best(metric))} | {_format(run.final(metric))} | {delta} |"
+                f"{_format(best)} | {_format(run.final(metric))} | {delta} |"
             )
         for suffix, figure in (
             ("curves", curves_figure(members, group, metric)),

@@ -11,7 +11,7 @@ import torch
 import yaml
 from torch import nn
 
-from cwd_lightning.distill.teacher import load_weights, read_weights
+from cwd_lightning.distill.teacher import read_weights
 
 
 @dataclass
@@ -62,11 +62,13 @@ class Run:
     def network(self, side: str = "student") -> str:
         spec = self.config["model"].get(side) or {}
         args = spec.get("init_args", {})
-        return (
-            f"{args.get('arch', spec.get('class_path', '?').rsplit('.', 1)[-1])}-{args.get('encoder_name', '')}".strip(
-                "-"
-            )
-        )
+        arch = args.get("arch", spec.get("class_path", "?").rsplit(".", 1)[-1])
+        encoder = args.get("encoder_name") or args.get("backbone")
+        return f"{arch}-{encoder}" if encoder else arch
+
+    def checkpoint(self, name: str = "best") -> Path:
+        """``best``/``last`` of this run, or any other .ckpt path given as is."""
+        return self.path / f"{name}.ckpt" if name in ("best", "last") else Path(name)
 
 
 def load_run(path: str | Path) -> Run:
@@ -96,16 +98,7 @@ def build(spec: dict[str, Any]) -> nn.Module:
 def load_student(run: Run, checkpoint: str = "best") -> nn.Module:
     """The run's trained network (for a teacher run: the teacher), eval mode, on the CPU."""
     model = build(run.config["model"]["student"])
-    model.load_state_dict(
-        read_weights(run.path / f"{checkpoint}.ckpt" if checkpoint in ("best", "last") else checkpoint)
-    )
-    return model.eval()
-
-
-def load_teacher(run: Run) -> nn.Module:
-    """The teacher a distilled run was trained with, as its config names it."""
-    model = build(run.config["model"]["teacher"])
-    load_weights(model, run.config["model"]["teacher_checkpoint"])
+    model.load_state_dict(read_weights(run.checkpoint(checkpoint)))
     return model.eval()
 
 

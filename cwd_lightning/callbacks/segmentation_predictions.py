@@ -9,6 +9,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from cwd_lightning.analysis.render import confusion_figure, figure_to_array, prediction_grid
 from cwd_lightning.callbacks.fixed_batch import FixedBatchCallback
+from cwd_lightning.distill.module import evaluating
 
 
 class SegmentationPredictionMonitor(FixedBatchCallback):
@@ -27,15 +28,11 @@ class SegmentationPredictionMonitor(FixedBatchCallback):
         import wandb
 
         images, masks = batch
-        was_training = module.student.training
-        module.student.eval()
-        try:
-            columns = {"ground truth": masks.cpu().numpy()}
-            if getattr(module, "teacher", None) is not None:
-                columns["teacher"] = module.task.run(module.teacher, images).argmax(1).cpu().numpy()
+        columns = {"ground truth": masks.cpu().numpy()}
+        if getattr(module, "teacher", None) is not None:
+            columns["teacher"] = module.task.run(module.teacher, images).argmax(1).cpu().numpy()
+        with evaluating(module.student):
             columns["student"] = module(images).argmax(1).cpu().numpy()
-        finally:
-            module.student.train(was_training)
         shown = [self.display_image(trainer, image) for image in images]
         payload: dict[str, Any] = {
             "trainer/global_step": trainer.global_step,

@@ -16,6 +16,7 @@ from typing import Any
 from xml.etree import ElementTree as ET
 
 import torch
+from PIL import Image
 from torch.utils.data import Dataset
 from torchvision import tv_tensors
 from torchvision.transforms import v2
@@ -101,8 +102,9 @@ class CocoDetection(_BoxDataset):
                 if annotation["category_id"] not in self.label_of:
                     raise ValueError(f"{self.annotation_file}: annotation {annotation.get('id')} has unknown "
                                      f"category_id {annotation['category_id']}")  # fmt: skip
-                if _keep_box([x, y, x + w, y + h], f"{image['file_name']}", dropped):
-                    boxes.append([x, y, x + w, y + h])
+                box = [x, y, x + w, y + h]
+                if _keep_box(box, image["file_name"], dropped):
+                    boxes.append(box)
                     labels.append(self.label_of[annotation["category_id"]])
             self.samples.append((self.image_dir / image["file_name"], boxes, labels, image["id"]))
         _warn_dropped(dropped, self.annotation_file)
@@ -144,8 +146,9 @@ class VocXmlDetection(_BoxDataset):
                     continue
                 box = obj.find("bndbox")
                 x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
-                if _keep_box([x0 - 1, y0 - 1, x1, y1], xml_path.name, dropped):
-                    boxes.append([x0 - 1, y0 - 1, x1, y1])  # VOC pixel indices are inclusive and 1-based
+                box = [x0 - 1, y0 - 1, x1, y1]  # VOC pixel indices are inclusive and 1-based
+                if _keep_box(box, xml_path.name, dropped):
+                    boxes.append(box)
                     labels.append(label_of[label])
             self.samples.append((self.root / "JPEGImages" / f"{name}.jpg", boxes, labels, len(self.samples)))
         _warn_dropped(dropped, self.root / "Annotations")
@@ -157,7 +160,8 @@ def voc_to_coco(root: str | Path, split: str, class_names: list[str], out: str |
     dataset = VocXmlDetection(root, split, class_names, keep_difficult=True)
     images, annotations = [], []
     for image_id, (path, boxes, labels, _) in enumerate(dataset.samples):
-        height, width = read_image(path).shape[:2]
+        with Image.open(path) as image:  # the header is enough for the size
+            width, height = image.size
         images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})
         for (x0, y0, x1, y1), label in zip(boxes, labels, strict=True):
             width_, height_ = x1 - x0, y1 - y0
