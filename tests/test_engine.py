@@ -120,7 +120,7 @@ def test_shape_mismatch_needs_a_connector_and_connectors_are_trained(teacher_fil
                                          r"\(128, 8, 8\).*connector"):  # fmt: skip
         _module(teacher_file, terms=[term()])
     module = _module(teacher_file, terms=[term(connector="conv_bn", resize="student_to_teacher")])
-    connector = module.connectors["features"]
+    connector = module.distiller.pairs["features"][0].connector
     assert connector[0].in_channels == 512 and connector[0].out_channels == 128
     optimised = {id(p) for p in module.trainable_parameters()}
     assert all(id(p) in optimised for p in connector.parameters())

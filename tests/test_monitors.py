@@ -74,10 +74,12 @@ def test_monitor_renders_normalised_maps_of_the_top_k_channels(monkeypatch):
 
     monkeypatch.setattr(channel_distributions, "channel_grid", fake_grid)
     names = ["bg", "a", "b", "c"]
-    module = SimpleNamespace(
-        distillation_pairs=lambda batch: {"cwd_logits": (student, teacher, 1.0, names)},
-        task=SimpleNamespace(batch_inputs=lambda batch: batch[0]),
+    monkeypatch.setattr(
+        channel_distributions,
+        "distillation_pairs",
+        lambda module, batch: {"cwd_logits": (student, teacher, 1.0, names)},
     )
+    module = SimpleNamespace(distiller=object(), task=SimpleNamespace(batch_inputs=lambda batch: batch[0]))
     trainer = SimpleNamespace(global_step=7, datamodule=None)
     logger = SimpleNamespace(experiment=_Experiment())
     monitor = ChannelDistributionMonitor(top_k=2)

@@ -7,7 +7,7 @@ import torch
 from torch import nn
 
 from cwd_lightning.distill.recorder import ForwardRecorder
-from cwd_lightning.distill.terms import DistillTerm, select
+from cwd_lightning.distill.terms import DistillTerm, pair_labels, select
 
 
 def _net() -> nn.Module:
@@ -80,15 +80,42 @@ def test_selectors_for_dict_and_tuple_outputs():
         select(feats, None, "teacher 'fpn'")
 
 
-def test_term_expands_over_paths_with_labels():
-    term = DistillTerm(
-        name="fpn",
-        student=["fpn[0]", "fpn[p6]"],
-        teacher=["fpn[0]", "fpn[p6]"],
-        loss=nn.MSELoss(),
-    )
-    assert [label for label, _, _ in term.pairs()] == ["0", "p6"]
-    single = DistillTerm(name="logits", student="head", teacher="head", loss=nn.MSELoss())
-    assert single.pairs() == [("", "head", "head")]
+def test_pair_labels_are_distinct_and_short():
+    assert pair_labels(["fpn[0]", "fpn[p6]"], [None, None]) == ["0", "p6"]
+    assert pair_labels(["backbone.fpn[p3]", "backbone.fpn[p4]"], [None, None]) == ["p3", "p4"]
+    # selectors that end alike: the labels go up the path until they differ
+    assert pair_labels(["backbone.body[0]", "backbone.fpn[0]"], [None, None]) == ["body_0", "fpn_0"]
+    assert pair_labels(["head.cls", "head.cls", "head.cls"], [0, 1, 2]) == ["call0", "call1", "call2"]
+    assert pair_labels(["a.x", "b.x"], [1, 1]) == ["a_x_call1", "b_x_call1"]
+    assert pair_labels(["head"], [None]) == [""]
+
+
+def test_term_checks_its_declaration():
     with pytest.raises(ValueError, match="paired one to one"):
         DistillTerm(name="bad", student=["a", "b"], teacher="a", loss=nn.MSELoss())
+    with pytest.raises(ValueError, match="weight must be ≥ 0"):
+        DistillTerm(name="neg", student="a", teacher="a", loss=nn.MSELoss(), weight=-1)
+    with pytest.raises(ValueError, match="calls must be"):
+        DistillTerm(name="calls", student="a", teacher="a", loss=nn.MSELoss(), calls=[])
+    term = DistillTerm(name="head", student="a", teacher="a", loss=nn.MSELoss())
+    assert term.chosen_calls(1, "'a'") == [None]
+    with pytest.raises(ValueError, match=r"'a' runs 5 times per forward; say which call"):
+        term.chosen_calls(5, "'a'")
+    assert DistillTerm("h", "a", "a", nn.MSELoss(), calls="all").chosen_calls(3, "'a'") == [0, 1, 2]
+    assert DistillTerm("h", "a", "a", nn.MSELoss(), calls=2).chosen_calls(3, "'a'") == [2]
+    with pytest.raises(ValueError, match=r"calls \[0, 4\] but 'a' runs 3 time"):
+        DistillTerm("h", "a", "a", nn.MSELoss(), calls=[0, 4]).chosen_calls(3, "'a'")
+
+
+def test_recorder_keeps_every_call_and_never_picks_one_silently():
+    shared = nn.Conv2d(3, 2, 1)
+    recorder = ForwardRecorder(shared, [""], side="student")
+    inputs = [torch.randn(1, 3, 4, 4) for _ in range(3)]
+    with recorder:
+        outputs = [shared(x) for x in inputs]
+    assert len(recorder.calls("")) == 3
+    torch.testing.assert_close(recorder.get("", 1), outputs[1])
+    with pytest.raises(RuntimeError, match="ran 3 times; name the call"):
+        recorder.get("")
+    with pytest.raises(RuntimeError, match="there is no call 3"):
+        recorder.get("", 3)

@@ -10,6 +10,7 @@ from lightning.pytorch.loggers import WandbLogger
 from cwd_lightning.analysis.channel_maps import channel_entropy, channel_kl, spatial_distributions, top_k_channels
 from cwd_lightning.analysis.render import channel_grid, figure_to_array
 from cwd_lightning.callbacks.fixed_batch import FixedBatchCallback
+from cwd_lightning.distill.inspection import distillation_pairs
 
 
 class ChannelDistributionMonitor(FixedBatchCallback):
@@ -31,7 +32,7 @@ class ChannelDistributionMonitor(FixedBatchCallback):
     def log_batch(self, trainer: L.Trainer, module: L.LightningModule, logger: WandbLogger, batch: Any) -> None:
         import wandb
 
-        pairs = module.distillation_pairs(batch) if hasattr(module, "distillation_pairs") else {}
+        pairs = distillation_pairs(module, batch) if getattr(module, "distiller", None) is not None else {}
         if not pairs:
             return
         index = min(self.sample_index, len(module.task.batch_inputs(batch)) - 1)

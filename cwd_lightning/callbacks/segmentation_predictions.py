@@ -9,7 +9,7 @@ from lightning.pytorch.loggers import WandbLogger
 
 from cwd_lightning.analysis.render import confusion_figure, figure_to_array, prediction_grid
 from cwd_lightning.callbacks.fixed_batch import FixedBatchCallback
-from cwd_lightning.distill.module import evaluating
+from cwd_lightning.distill.distiller import evaluating
 
 
 class SegmentationPredictionMonitor(FixedBatchCallback):

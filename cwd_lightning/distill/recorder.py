@@ -63,12 +63,23 @@ class ForwardRecorder:
     def active(self) -> bool:
         return bool(self._handles)
 
-    def get(self, path: str) -> Any:
-        """The output of ``path`` in the last recorded forward (its last call if called more than once)."""
+    def calls(self, path: str) -> list[Any]:
+        """The outputs of every call of ``path`` in the recorded forward pass, in call order."""
         calls = self.outputs.get(path)
         if not calls:
             raise RuntimeError(
                 f"module {path!r} of the {self.side} produced no output in the recorded forward pass: "
                 "is it used by the model's forward()?"
             )
-        return calls[-1]
+        return calls
+
+    def get(self, path: str, call: int | None = None) -> Any:
+        """The output of ``path``: of its only call, or of call ``call`` when it runs several times."""
+        calls = self.calls(path)
+        if call is None:
+            if len(calls) != 1:
+                raise RuntimeError(f"module {path!r} of the {self.side} ran {len(calls)} times; name the call")
+            return calls[0]
+        if call >= len(calls):
+            raise RuntimeError(f"module {path!r} of the {self.side} ran {len(calls)} time(s), there is no call {call}")
+        return calls[call]

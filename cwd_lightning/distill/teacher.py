@@ -69,3 +69,22 @@ def fingerprint(model: nn.Module) -> str:
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")
     return digest.hexdigest()
+
+
+def strip_from_checkpoint(checkpoint: dict, prefix: str = "teacher.") -> None:
+    """Student checkpoints hold no teacher weights: the teacher comes from its own file."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)}
+
+
+def restore_into_checkpoint(checkpoint: dict, teacher: nn.Module | None, expected: str | None,
+                            prefix: str = "teacher.") -> None:  # fmt: skip
+    """Before a checkpoint is loaded: the configured teacher must be the one it was trained with (by
+    fingerprint), and its weights go back into the state_dict so the load stays strict."""
+    saved = checkpoint.get("hyper_parameters", {}).get("teacher_fingerprint")
+    if saved != expected:
+        raise ValueError(
+            "the teacher does not match the one this checkpoint was trained with: fingerprint "
+            f"{expected} now, {saved} in the checkpoint (check model.teacher_checkpoint)"
+        )
+    if teacher is not None:
+        checkpoint["state_dict"].update({f"{prefix}{k}": v for k, v in teacher.state_dict().items()})

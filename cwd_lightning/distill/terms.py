@@ -1,16 +1,18 @@
-"""A distillation term as declared in the experiment YAML."""
+"""A distillation term as declared in the experiment YAML, and how it expands into compared pairs."""
 
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor, nn
 
 from cwd_lightning.distill.connectors import ConnectorKind, ResizeMode
 
 _SELECTOR = re.compile(r"^(?P<module>[^\[\]]*)(?:\[(?P<key>[^\[\]]+)\])?$")
+
+Calls = int | list[int] | Literal["all"] | None
 
 
 @dataclass
@@ -20,6 +22,11 @@ class DistillTerm:
     Paths are dotted module names relative to the student / teacher, optionally with a selector for
     modules that return a tuple or dict: ``decoder``, ``backbone.fpn[p6]``, ``head[0]``. A list of
     paths expands the term over several pairs (e.g. FPN levels), logged one by one and summed.
+
+    ``calls`` picks which call of a module that runs several times per forward is compared (a shared
+    detection head runs once per FPN level): an index, a list of indices, or ``all``; each chosen
+    call is one more pair. Left unset, a module must run exactly once: distilling "the last call" of
+    a repeated module silently is what this refuses.
     """
 
     name: str
@@ -29,10 +36,13 @@ class DistillTerm:
     weight: float = 1.0
     connector: ConnectorKind | None = None
     resize: ResizeMode | None = None
+    calls: Calls = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
-            raise ValueError(f"distillation term name {self.name!r}: use letters, digits and '_' only")
+            raise ValueError(f"distillation term {self.name!r}: use letters, digits and '_' only")
+        if self.weight < 0:
+            raise ValueError(f"distillation term {self.name!r}: weight must be ≥ 0, got {self.weight}")
         student, teacher = self.student_paths, self.teacher_paths
         if len(student) != len(teacher):
             raise ValueError(
@@ -42,6 +52,9 @@ class DistillTerm:
         for path in student + teacher:
             if not _SELECTOR.match(path):
                 raise ValueError(f"distillation term {self.name!r}: malformed path {path!r}")
+        calls = [self.calls] if isinstance(self.calls, int) else self.calls
+        if isinstance(calls, list) and (not calls or any(not isinstance(c, int) or c < 0 for c in calls)):
+            raise ValueError(f"distillation term {self.name!r}: calls must be 'all', an index ≥ 0 or a list of them")
 
     @property
     def student_paths(self) -> list[str]:
@@ -51,12 +64,38 @@ class DistillTerm:
     def teacher_paths(self) -> list[str]:
         return [self.teacher] if isinstance(self.teacher, str) else list(self.teacher)
 
-    def pairs(self) -> list[tuple[str, str, str]]:
-        """(label, student path, teacher path) per pair; the label is '' for a single pair."""
-        pairs = list(zip(self.student_paths, self.teacher_paths, strict=True))
-        if len(pairs) == 1:
-            return [("", *pairs[0])]
-        return [(_label(teacher, index), student, teacher) for index, (student, teacher) in enumerate(pairs)]
+    def chosen_calls(self, count: int, where: str) -> list[int | None]:
+        """The calls to compare of a module that ran ``count`` times in the probe forward."""
+        if self.calls is None:
+            if count != 1:
+                raise ValueError(
+                    f"distillation term {self.name!r}: {where} runs {count} times per forward; say which "
+                    "call(s) to distill with `calls: <index>`, `calls: [0, 2]` or `calls: all`"
+                )
+            return [None]
+        calls = (
+            list(range(count)) if self.calls == "all" else [self.calls] if isinstance(self.calls, int) else self.calls
+        )
+        if any(call >= count for call in calls):
+            raise ValueError(f"distillation term {self.name!r}: calls {self.calls} but {where} runs {count} time(s)")
+        return list(calls)
+
+
+def pair_labels(paths: list[str], calls: list[int | None]) -> list[str]:
+    """Distinct, readable log labels for a term's pairs: the shortest trailing part of the teacher
+    paths that tells them apart (``fpn[p3]`` … → ``p3``; ``body[0]``, ``fpn[0]`` → ``body_0``,
+    ``fpn_0``), plus ``call<k>`` for a chosen call. A single pair has the label ``''``."""
+    if len(paths) == 1:
+        return [""]
+    parts = [re.split(r"[.\[\]]+", path.strip("]")) for path in paths]
+    suffixes = [[f"call{call}"] if call is not None else [] for call in calls]
+    for depth in range(max(len(part) for part in parts) + 1):  # depth 0: the calls alone, if they differ
+        labels = ["_".join([*part[len(part) - depth :], *suffix]) for part, suffix in zip(parts, suffixes, strict=True)]
+        if all(labels) and len(set(labels)) == len(labels):
+            break
+    if len(set(labels)) != len(labels):  # the same path and call twice: number them
+        labels = [f"{label}_{index}" for index, label in enumerate(labels)]
+    return [re.sub(r"[^A-Za-z0-9_]", "_", label) for label in labels]
 
 
 def split_path(path: str) -> tuple[str, str | None]:
@@ -85,8 +124,3 @@ def select(output: Any, key: str | None, where: str) -> Tensor:
             "'path[0]' or 'path[key]'"
         )
     return output
-
-
-def _label(teacher_path: str, index: int) -> str:
-    _, key = split_path(teacher_path)
-    return re.sub(r"[^A-Za-z0-9_]", "_", key) if key is not None else str(index)

@@ -1,5 +1,32 @@
-"""Distillation losses: pure functions of (student, teacher) tensors, one file per method."""
+"""Distillation losses, one file per method: pure functions of (student, teacher) tensors, or modules
+that declare what more they need (labels, modules of their own, an optimiser of their own; see base.py)."""
 
+from cwd_lightning.losses.attention_transfer import AttentionTransfer
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.channel_mean import ChannelMeanMSE
 from cwd_lightning.losses.cwd import ChannelWiseDivergence
+from cwd_lightning.losses.dist import DIST
+from cwd_lightning.losses.fitnets import FitNets
+from cwd_lightning.losses.holistic import HolisticAdversarial
+from cwd_lightning.losses.ifvd import IntraClassFeatureVariation
+from cwd_lightning.losses.local_affinity import LocalAffinity
+from cwd_lightning.losses.mgd import MaskedGenerativeDistillation
+from cwd_lightning.losses.nfd import NormalizedFeatureDistillation
+from cwd_lightning.losses.pairwise_affinity import PairwiseAffinity
+from cwd_lightning.losses.pixel_kd import PixelWiseKD
 
-__all__ = ["ChannelWiseDivergence"]
+__all__ = [
+    "DIST",
+    "AttentionTransfer",
+    "ChannelMeanMSE",
+    "ChannelWiseDivergence",
+    "DistillationLoss",
+    "FitNets",
+    "HolisticAdversarial",
+    "IntraClassFeatureVariation",
+    "LocalAffinity",
+    "MaskedGenerativeDistillation",
+    "NormalizedFeatureDistillation",
+    "PairwiseAffinity",
+    "PixelWiseKD",
+]

@@ -1,11 +1,17 @@
 """Channel-wise distillation loss (Shu et al., "Channel-wise Knowledge Distillation for Dense
-Prediction", ICCV 2021, Eq. 3-4)."""
+Prediction", ICCV 2021, Eq. 3-4), with the paper's ablation switches."""
 
 from __future__ import annotations
 
-import torch
+from typing import Literal
+
 import torch.nn.functional as F
 from torch import Tensor, nn
+
+from cwd_lightning.losses.base import check_maps, full_precision
+
+Normalize = Literal["channel", "spatial"]
+Divergence = Literal["kl", "symmetric_kl", "mse"]
 
 
 class ChannelWiseDivergence(nn.Module):
@@ -16,28 +22,60 @@ class ChannelWiseDivergence(nn.Module):
     positions, averaged over samples and channels (never over H·W), scaled by τ² so that the gradient
     size does not depend on τ. Computed in log space and fp32 even under autocast, so it is the true
     KL (zero when the maps agree) and never takes log 0. The teacher side is detached.
+
+    Ablation switches (the authors' ``CriterionCWD``):
+    - ``normalize="spatial"``: softmax over the C channels of each position instead; the mean is then
+      over the N·H·W positions (with KL this is pixel-wise KD, CIRKD's reduction).
+    - ``divergence="symmetric_kl"``: KL(T‖S) + KL(S‖T) (no reference implementation has it; this
+      definition is ours). ``"mse"``: Σ (p_S − p_T)² per distribution, no τ² (the authors force τ = 1
+      on this path; here τ still divides the logits). Its values are tiny (p ~ 1/(H·W)).
     """
 
-    def __init__(self, tau: float = 1.0) -> None:
+    def __init__(self, tau: float = 1.0, normalize: Normalize = "channel", divergence: Divergence = "kl") -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"ChannelWiseDivergence: tau must be > 0, got {tau}")
+        if normalize not in ("channel", "spatial"):
+            raise ValueError(f"ChannelWiseDivergence: normalize must be 'channel' or 'spatial', got {normalize!r}")
+        if divergence not in ("kl", "symmetric_kl", "mse"):
+            raise ValueError(
+                f"ChannelWiseDivergence: divergence must be 'kl', 'symmetric_kl' or 'mse', got {divergence!r}"
+            )
         self.tau = float(tau)
+        self.normalize = normalize
+        self.divergence = divergence
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
-        if student.ndim != 4 or student.shape != teacher.shape:
-            raise ValueError(
-                "ChannelWiseDivergence expects two N×C×H×W tensors of the same shape, got "
-                f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
-            )
-        return self.kl_per_sample_channel(student, teacher).mean() * self.tau**2
+        check_maps(type(self).__name__, student, teacher)
+        value = self.divergence_per_distribution(student, teacher).mean()
+        return value if self.divergence == "mse" else value * self.tau**2
+
+    def divergence_per_distribution(self, student: Tensor, teacher: Tensor) -> Tensor:
+        """Unscaled divergence of every normalised distribution: N×C (channel) or N×(H·W) (spatial)."""
+        with full_precision(student):
+            log_p_student = self._log_distributions(student.float())
+            log_p_teacher = self._log_distributions(teacher.detach().float())
+            p_teacher = log_p_teacher.exp()
+            if self.divergence == "mse":
+                return (log_p_student.exp() - p_teacher).pow(2).sum(-1)
+            forward_kl = (p_teacher * (log_p_teacher - log_p_student)).sum(-1)
+            if self.divergence == "kl":
+                return forward_kl
+            return forward_kl + (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)
 
     def kl_per_sample_channel(self, student: Tensor, teacher: Tensor) -> Tensor:
         """N×C matrix of KL(p_T ‖ p_S) over positions, unscaled; useful to inspect single channels."""
-        with torch.autocast(device_type=student.device.type, enabled=False):
+        check_maps(type(self).__name__, student, teacher)
+        with full_precision(student):
             log_p_student = F.log_softmax(student.float().flatten(2) / self.tau, dim=-1)
             log_p_teacher = F.log_softmax(teacher.detach().float().flatten(2) / self.tau, dim=-1)
             return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
 
+    def _log_distributions(self, maps: Tensor) -> Tensor:
+        flat = maps.flatten(2) / self.tau  # N×C×HW
+        if self.normalize == "spatial":
+            flat = flat.transpose(1, 2)  # N×HW×C: one distribution over channels per position
+        return F.log_softmax(flat, dim=-1)
+
     def extra_repr(self) -> str:
-        return f"tau={self.tau}"
+        return f"tau={self.tau}, normalize={self.normalize!r}, divergence={self.divergence!r}"

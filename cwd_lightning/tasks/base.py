@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from typing import Any
 
 from torch import Tensor, nn
@@ -14,14 +15,22 @@ class Task(nn.Module):
     #: metric that selects the best checkpoint
     monitor: str = "val/loss_task"
     monitor_mode: str = "min"
+    #: whether ``dense_labels`` gives per-pixel labels (losses such as IFVD need them)
+    has_dense_labels: bool = False
+    ignore_index: int | None = None
 
     def example_input(self) -> Any:
         """A small input used once at construction to check paths, shapes and channel counts."""
         raise NotImplementedError
 
-    def run(self, model: nn.Module, inputs: Any) -> Any:
-        """Plain forward of a model (used for the probe and for the teacher)."""
+    def run(self, model: nn.Module, inputs: Any, paths: Sequence[str] = ()) -> Any:
+        """Plain forward of a model (used for the probe and for the teacher); ``paths`` are the modules
+        recorded during this forward, so a task may skip parts that nothing reads."""
         return model(inputs)
+
+    def dense_labels(self, batch: Any) -> Tensor | None:
+        """Per-pixel N×H×W labels of a batch (``ignore_index`` where unlabelled), or None."""
+        return None
 
     def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:
         """Task loss of ``model`` on ``batch`` and its named parts, for logging."""

@@ -4,6 +4,7 @@ FPN, the detectors' own losses, COCO mAP with torchmetrics."""
 from __future__ import annotations
 
 from collections import OrderedDict
+from collections.abc import Sequence
 from functools import partial
 from typing import Any, Literal
 
@@ -123,10 +124,14 @@ class DetectionTask(Task):
     def example_input(self) -> Images:
         return [torch.zeros(3, self.example_size, self.example_size) for _ in range(2)]
 
-    def run(self, model: nn.Module, images: Images) -> Any:
-        """What distillation needs of a detector: its own resize/normalise, then the backbone + FPN."""
+    def run(self, model: nn.Module, images: Images, paths: Sequence[str] = ()) -> Any:
+        """What distillation needs of a detector: its own resize/normalise, the backbone + FPN, and the
+        head only when a recorded path lies in it (the head is the costly part at small sizes)."""
         image_list, _ = model.transform(images)
-        return model.backbone(image_list.tensors)
+        features = model.backbone(image_list.tensors)
+        if any(path == "head" or path.startswith("head.") for path in paths):
+            model.head(list(features.values()))
+        return features
 
     def batch_inputs(self, batch: tuple[Images, Targets]) -> Images:
         return batch[0]

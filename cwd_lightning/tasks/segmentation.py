@@ -59,6 +59,7 @@ class SegmentationTask(Task):
 
     monitor = "val/mIoU"
     monitor_mode = "max"
+    has_dense_labels = True
 
     def __init__(
         self,
@@ -90,6 +91,9 @@ class SegmentationTask(Task):
 
     def batch_inputs(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         return batch[0]
+
+    def dense_labels(self, batch: tuple[Tensor, Tensor]) -> Tensor:
+        return batch[1]
 
     def first_samples(self, batch: tuple[Tensor, Tensor], count: int) -> tuple[Tensor, Tensor]:
         images, masks = batch

@@ -1,0 +1,235 @@
+"""The distiller: recorders on both models, and one ``DistillPair`` (connector + loss) per compared pair.
+
+Built once from a probe forward, so that every path, call, channel count, loss signature and shape is
+checked before training starts. At each step it turns the recorded tensors into Σ weight · loss.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator
+from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from cwd_lightning.distill.connectors import build_connector, match_size
+from cwd_lightning.distill.recorder import ForwardRecorder
+from cwd_lightning.distill.terms import DistillTerm, pair_labels, select, split_path
+from cwd_lightning.losses.base import context_fields
+
+
+@contextmanager
+def evaluating(*modules: nn.Module) -> Iterator[None]:
+    """Eval mode inside the block (no BN statistics moved, no dropout), previous modes restored after."""
+    modes = [module.training for module in modules]
+    for module in modules:
+        module.eval()
+    try:
+        yield
+    finally:
+        for module, mode in zip(modules, modes, strict=True):
+            module.train(mode)
+
+
+@dataclass
+class StepContext:
+    """What the engine knows about the current batch, for losses that ask (see ``losses/base.py``)."""
+
+    labels: Tensor | None = None  # N×H×W at the input resolution
+    ignore_index: int | None = None
+    step: int = 0
+
+    def for_loss(self, fields: tuple[str, ...], size: torch.Size) -> dict[str, Any]:
+        values: dict[str, Any] = {}
+        for field in fields:
+            if field == "labels":
+                values["labels"] = self.labels_at(size)
+            else:
+                values[field] = getattr(self, field)
+        return values
+
+    def labels_at(self, size: torch.Size) -> Tensor | None:
+        """Labels nearest-resized to ``size`` (H×W), so the ignore index survives unchanged."""
+        if self.labels is None or self.labels.shape[-2:] == size:
+            return self.labels
+        return F.interpolate(self.labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
+
+
+class DistillPair(nn.Module):
+    """One compared pair of a term: where its tensors come from, and its own connector and loss."""
+
+    def __init__(self, term: DistillTerm, label: str, student_path: str, teacher_path: str, call: int | None) -> None:
+        super().__init__()
+        self.term_name, self.label, self.weight, self.resize = term.name, label, term.weight, term.resize
+        self.student_path, self.teacher_path, self.call = student_path, teacher_path, call
+        self.loss = copy.deepcopy(term.loss)  # each pair owns its loss (and whatever the loss builds)
+        self.connector: nn.Module | None = None
+        self.context_fields: tuple[str, ...] = ()
+
+    @property
+    def key(self) -> str:
+        """Log name: ``<term>`` or ``<term>/<label>``."""
+        return f"{self.term_name}/{self.label}" if self.label else self.term_name
+
+    def tapped(self, student_recorder: ForwardRecorder, teacher_recorder: ForwardRecorder) -> tuple[Tensor, Tensor]:
+        where = f" (call {self.call})" if self.call is not None else ""
+        tensors = []
+        for recorder, path in ((student_recorder, self.student_path), (teacher_recorder, self.teacher_path)):
+            module, key = split_path(path)
+            tensors.append(select(recorder.get(module, self.call), key, f"{recorder.side} {path!r}{where}"))
+        return tensors[0], tensors[1]
+
+    def aligned(self, student_recorder: ForwardRecorder, teacher_recorder: ForwardRecorder) -> tuple[Tensor, Tensor]:
+        """The recorded pair with the connector and resize applied: what the loss compares."""
+        student, teacher = self.tapped(student_recorder, teacher_recorder)
+        if self.connector is not None:
+            student = self.connector(student)
+        if self.resize is not None:
+            student, teacher = match_size(student, teacher, self.resize)
+        return student, teacher
+
+    def value(self, student: Tensor, teacher: Tensor, context: StepContext) -> Tensor:
+        return self.loss(student, teacher, **context.for_loss(self.context_fields, student.shape[-2:]))
+
+    @property
+    def auxiliary_optimizer(self) -> Any:
+        return getattr(self.loss, "auxiliary_optimizer", None)
+
+
+class Distiller(nn.Module):
+    """Recorders on the student and the teacher, and the pairs of every term (``pairs[term][i]``)."""
+
+    def __init__(self, terms: list[DistillTerm], student: nn.Module, teacher: nn.Module) -> None:
+        super().__init__()
+        if len({term.name for term in terms}) != len(terms):
+            raise ValueError("model.terms: every distillation term needs a unique name")
+        self.terms = terms
+        self.student_recorder = ForwardRecorder(
+            student, [split_path(p)[0] for t in terms for p in t.student_paths], side="student"
+        )
+        self.teacher_recorder = ForwardRecorder(
+            teacher, [split_path(p)[0] for t in terms for p in t.teacher_paths], side="teacher"
+        )
+        self.pairs = nn.ModuleDict()
+
+    # ------------------------------------------------------------------ build
+    def build(self, run_student, run_teacher, has_labels: bool, ignore_index: int | None) -> None:
+        """Probe forward (``run_*`` call the model on an example input), then per term: expand paths ×
+        calls into pairs, build connectors and the losses' own modules from the probed shapes, check
+        what each loss asks of the context, and call it once so a shape mismatch fails now."""
+        with torch.no_grad(), self.student_recorder, self.teacher_recorder:
+            run_student()
+            run_teacher()
+        try:
+            for term in self.terms:
+                self.pairs[term.name] = nn.ModuleList(self._build_term(term, has_labels, ignore_index))
+        finally:
+            self.clear()
+
+    def _build_term(self, term: DistillTerm, has_labels: bool, ignore_index: int | None) -> list[DistillPair]:
+        sources: list[tuple[str, str, int | None]] = []
+        for student_path, teacher_path in zip(term.student_paths, term.teacher_paths, strict=True):
+            counts = {
+                side: len(recorder.calls(split_path(path)[0]))
+                for side, recorder, path in (
+                    ("student", self.student_recorder, student_path),
+                    ("teacher", self.teacher_recorder, teacher_path),
+                )
+            }
+            if counts["student"] != counts["teacher"] and term.calls is not None:
+                raise ValueError(
+                    f"distillation term {term.name!r}: student {student_path!r} runs {counts['student']} times "
+                    f"but teacher {teacher_path!r} runs {counts['teacher']} times per forward"
+                )
+            calls = term.chosen_calls(max(counts.values()), f"{student_path!r}/{teacher_path!r}")
+            sources += [(student_path, teacher_path, call) for call in calls]
+        labels = pair_labels([teacher for _, teacher, _ in sources], [call for _, _, call in sources])
+        pairs = []
+        for label, (student_path, teacher_path, call) in zip(labels, sources, strict=True):
+            pair = DistillPair(term, label, student_path, teacher_path, call)
+            student, teacher = pair.tapped(self.student_recorder, self.teacher_recorder)
+            if term.connector is not None:
+                pair.connector = build_connector(term.connector, student.shape[1], teacher.shape[1])
+            asked = context_fields(pair.loss)
+            if asked.get("labels") and not has_labels:
+                raise ValueError(
+                    f"distillation term {term.name!r}: {type(pair.loss).__name__} needs ground-truth labels, "
+                    "and this task has no dense labels"
+                )
+            pair.context_fields = tuple(asked)
+            with torch.no_grad(), evaluating(pair):  # no BN statistics moved by the probe
+                student, teacher = pair.aligned(self.student_recorder, self.teacher_recorder)
+            if hasattr(pair.loss, "build"):
+                pair.loss.build(student.shape, teacher.shape)
+            labels = torch.zeros(student.shape[0], *student.shape[2:], dtype=torch.long) if has_labels else None
+            try:
+                with torch.no_grad(), evaluating(pair):
+                    pair.value(student, teacher, StepContext(labels, ignore_index))
+            except ValueError as error:
+                raise ValueError(
+                    f"distillation term {term.name!r}: student {student_path!r} gives {tuple(student.shape[1:])} "
+                    f"but teacher {teacher_path!r} gives {tuple(teacher.shape[1:])} (C×H×W) after the connector "
+                    f"and resize, which {type(pair.loss).__name__} cannot compare ({error}). Set connector: "
+                    "conv|conv_bn|conv_bn_relu for a channel mismatch and/or resize: "
+                    "student_to_teacher|teacher_to_student for H×W."
+                ) from error
+            pairs.append(pair)
+        return pairs
+
+    # ------------------------------------------------------------------ steps
+    def iter_pairs(self) -> Iterator[DistillPair]:
+        for term in self.terms:
+            yield from self.pairs[term.name]
+
+    @contextmanager
+    def recording(self, student: bool = True, teacher: bool = True) -> Iterator[None]:
+        with ExitStack() as stack:
+            if student:
+                stack.enter_context(self.student_recorder)
+            if teacher:
+                stack.enter_context(self.teacher_recorder)
+            yield
+
+    def clear(self) -> None:
+        self.student_recorder.clear()
+        self.teacher_recorder.clear()
+
+    def compute(
+        self, context: StepContext, auxiliary: bool = False
+    ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+        """From the recorded step: Σ weight·term, each term's (unweighted) value (per pair when a term
+        expands), and (if ``auxiliary``) the auxiliary loss of every pair that trains a module of its
+        own with its own optimiser."""
+        total = torch.zeros(())
+        values: dict[str, Tensor] = {}
+        auxiliary_losses: dict[str, Tensor] = {}
+        try:
+            for term in self.terms:
+                term_values = []
+                for pair in self.pairs[term.name]:
+                    student, teacher = pair.aligned(self.student_recorder, self.teacher_recorder)
+                    value = pair.value(student, teacher, context)
+                    term_values.append(value)
+                    if pair.label:
+                        values[pair.key] = value.detach()
+                    if auxiliary and pair.auxiliary_optimizer is not None:
+                        auxiliary_losses[pair.key] = pair.loss.auxiliary_loss(student.detach(), teacher.detach())
+                term_value = torch.stack(term_values).sum()
+                values[term.name] = term_value.detach()
+                total = total.to(term_value.device) + term.weight * term_value
+        finally:
+            self.clear()
+        return total, values, auxiliary_losses
+
+    # ------------------------------------------------------------------ parameters
+    def auxiliary_parameter_ids(self) -> set[int]:
+        return {id(p) for pair in self.iter_pairs() for p in getattr(pair.loss, "auxiliary_parameters", list)()}
+
+    def trainable_parameters(self) -> list[nn.Parameter]:
+        """Connectors and the losses' own modules, without what a second optimiser trains."""
+        auxiliary = self.auxiliary_parameter_ids()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in auxiliary]
