@@ -10,11 +10,14 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import uuid
 from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
+from jsonargparse import Namespace
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -70,6 +73,9 @@ class DistillCLI(LightningCLI):
             trainer_defaults={"log_every_n_steps": 10},
             seed_everything_default=0,
             parser_kwargs={"parser_mode": "yaml"},
+            # model.optimizer is the one route: a top-level --optimizer/--lr_scheduler is refused by the
+            # parser instead of silently replacing the module's optimiser and schedule
+            auto_configure_optimizers=False,
             args=args,
             run=run,
         )
@@ -78,6 +84,19 @@ class DistillCLI(LightningCLI):
         parser.add_argument("--experiment", type=str | None, default=None,
                             help="run name; defaults to the stem of the --config file")  # fmt: skip
         parser.add_argument("--runs_root", type=str, default="runs", help="folder that holds runs/<experiment>/")
+
+    def parse_arguments(self, parser: Any, args: Any) -> None:
+        """As LightningCLI, plus per-term overrides addressed by term name or index, which jsonargparse
+        cannot express for a list (it would edit the last term): ``--model.terms.<name>.<field> v``,
+        ``--model.terms.<index>.<field> v`` or ``--model.terms[<index>].<field> v``, e.g.
+        ``--model.terms.cwd_logits.loss.init_args.tau 2`` or ``--model.terms[0].weight 5``."""
+        if isinstance(args, dict | Namespace):
+            return super().parse_arguments(parser, args)
+        remaining, overrides = split_term_overrides(list(sys.argv[1:] if args is None else args))
+        super().parse_arguments(parser, remaining)
+        if overrides:
+            subcommand = self.config.get("subcommand")
+            apply_term_overrides(self.config[subcommand]["model"]["terms"] if subcommand else None, overrides)
 
     # ---------------------------------------------------------------- run folder
     def before_instantiate_classes(self) -> None:
@@ -183,6 +202,51 @@ class DistillCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.finish()  # flush the offline record and its summary now, not at exit
+
+
+_TERM_OVERRIDE = re.compile(
+    r"^--model\.terms(?:\.(?P<name>\w+)|\[(?P<index>\d+)\])\.(?P<key>[\w.]+?)(?:=(?P<value>.*))?$"
+)
+
+
+def split_term_overrides(args: list[str]) -> tuple[list[str], list[tuple[str, str, str]]]:
+    """Take ``--model.terms.<name|index>.<key> value`` arguments out of ``args``: (rest, [(term, key, value)])."""
+    remaining: list[str] = []
+    overrides: list[tuple[str, str, str]] = []
+    arguments = iter(args)
+    for argument in arguments:
+        match = _TERM_OVERRIDE.match(argument)
+        if match is None:
+            remaining.append(argument)
+            continue
+        value = match["value"]
+        if value is None:
+            value = next(arguments, None)
+            if value is None:
+                raise RunError(f"{argument} needs a value")
+        overrides.append((match["name"] or match["index"], match["key"], value))
+    return remaining, overrides
+
+
+def apply_term_overrides(terms: list[Any] | None, overrides: list[tuple[str, str, str]]) -> None:
+    """Set each override on the term it names (a YAML value, checked when the term is built); the key must
+    be one the term's resolved config has, so a typo fails instead of being ignored."""
+    terms = list(terms or [])
+    names = [str(term["name"]) for term in terms]
+    for selector, key, text in overrides:
+        if selector in names:
+            term = terms[names.index(selector)]
+        elif selector.isdigit() and int(selector) < len(terms):
+            term = terms[int(selector)]
+        else:
+            raise RunError(
+                f"--model.terms.{selector}.{key}: no term named or numbered {selector!r} "
+                f"(terms: {', '.join(f'{i}={n}' for i, n in enumerate(names)) or 'none'})"
+            )
+        if key not in term:
+            fields = sorted(term.keys())
+            raise RunError(f"--model.terms.{selector}.{key}: term {term['name']!r} has no {key!r}; it has {fields}")
+        term[key] = yaml.safe_load(text)
 
 
 def main(args: list[str] | None = None) -> None:
