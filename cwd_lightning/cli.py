@@ -93,14 +93,21 @@ class DistillCLI(LightningCLI):
         if isinstance(args, dict | Namespace):
             return super().parse_arguments(parser, args)
         remaining, overrides = split_term_overrides(list(sys.argv[1:] if args is None else args))
-        super().parse_arguments(parser, remaining)
+        # --print_config would print before the overrides apply: print after them instead
+        print_config = [a for a in remaining if a.split("=", 1)[0] == "--print_config"] if overrides else []
+        self.config = parser.parse_args([a for a in remaining if a not in print_config])
         if overrides:
             subcommand = self.config.get("subcommand")
-            apply_term_overrides(self.config[subcommand]["model"]["terms"] if subcommand else None, overrides)
+            config = self.config[subcommand] if subcommand else self.config
+            apply_term_overrides(config["model"]["terms"], overrides)
+            if print_config:
+                target = self._subcommand_parsers[subcommand] if subcommand else parser
+                print(target.dump(config, skip_none=False), end="")
+                raise SystemExit(0)
 
     # ---------------------------------------------------------------- run folder
     def before_instantiate_classes(self) -> None:
-        config = self.config[self.subcommand]
+        config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
         if not config.experiment:
             config_files = config.get("config") or []
             if not config_files:
@@ -135,7 +142,7 @@ class DistillCLI(LightningCLI):
 
     # ---------------------------------------------------------------- loggers and checkpoints
     def instantiate_trainer(self, **kwargs: Any) -> L.Trainer:
-        trainer_config = self.config_init[self.subcommand]["trainer"]
+        trainer_config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
         if self.subcommand == "fit":
             callbacks = [
                 ModelCheckpoint(

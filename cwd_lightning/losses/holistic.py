@@ -34,9 +34,10 @@ class SelfAttention(nn.Module):
 class Discriminator(nn.Module):
     """BN on the input score map, four spectral-normalised 4×4/2 convs (64-128-256-512, LeakyReLU 0.1)
     with self-attention after the third and fourth, then a 4×4 valid conv to one score per position
-    (about 3.2 M parameters for 19 classes, as in the reference). Needs maps of at least 64×64."""
+    (about 3.2 M parameters for 19 classes, as in the reference, which needs 65×65 maps). Smaller maps
+    (≥ 16×16) get a last kernel of min(4, size/16) instead of failing."""
 
-    def __init__(self, in_channels: int, width: int = 64) -> None:
+    def __init__(self, in_channels: int, width: int = 64, last_kernel: int = 4) -> None:
         super().__init__()
 
         def down(cin: int, cout: int) -> list[nn.Module]:
@@ -51,7 +52,7 @@ class Discriminator(nn.Module):
             *down(4 * width, 8 * width),
             SelfAttention(8 * width),
         )
-        self.last = nn.Conv2d(8 * width, 1, 4)
+        self.last = nn.Conv2d(8 * width, 1, last_kernel)
 
     def forward(self, x: Tensor) -> Tensor:
         return self.last(self.body(self.preprocess(x)))
@@ -89,11 +90,12 @@ class HolisticAdversarial(DistillationLoss):
         self.discriminator: Discriminator | None = None
 
     def build(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
-        if min(teacher_shape[-2:]) < 64:
+        smallest = min(teacher_shape[-2:])
+        if smallest < 16:
             raise ValueError(
-                f"HolisticAdversarial: the discriminator needs maps of at least 64×64, got {teacher_shape}"
+                f"HolisticAdversarial: the discriminator needs maps of at least 16×16, got {teacher_shape}"
             )
-        self.discriminator = Discriminator(teacher_shape[1], self.width)
+        self.discriminator = Discriminator(teacher_shape[1], self.width, last_kernel=min(4, smallest // 16))
 
     def auxiliary_parameters(self) -> list[nn.Parameter]:
         return list(self.discriminator.parameters()) if self.discriminator is not None else []

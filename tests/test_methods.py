@@ -1,0 +1,118 @@
+"""Every method YAML builds through the CLI path and takes optimiser steps: the engine carries each loss
+with no per-method code. Also the table runner on a tiny table."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cwd_lightning.cli import DistillCLI
+from tests.conftest import REPO, tiny_overrides
+
+METHOD_FILES = [*sorted((REPO / "experiments" / "methods").glob("*.yaml")), REPO / "experiments" / "shapes_cwd.yaml"]
+
+
+def _tiny_cli(config: Path, teacher_run, data_root: Path, *extra: str) -> DistillCLI:
+    work, teacher_dir, _, _ = teacher_run
+    args = ["--config", str(config), "--runs_root", str(work / "method_runs"), "--experiment", config.stem,
+            "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
+            "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), *tiny_overrides(data_root, 2),
+            "--trainer.logger", "false", "--trainer.callbacks", "[]", "--trainer.enable_checkpointing", "false",
+            "--trainer.limit_val_batches", "0", *extra]  # fmt: skip
+    return DistillCLI(args=args, run=False)
+
+
+def test_every_method_file_is_listed_in_a_table():
+    listed = set()
+    for table in (REPO / "experiments" / "tables").glob("*.yaml"):
+        listed |= {row["config"] for row in yaml.safe_load(table.read_text())["rows"]}
+    assert {f"methods/{path.stem}" for path in METHOD_FILES if path.parent.name == "methods"} <= listed
+
+
+@pytest.mark.parametrize("config", METHOD_FILES, ids=lambda path: path.stem)
+def test_each_method_builds_from_its_yaml_and_trains(config, teacher_run, tiny_shapes):
+    spec = yaml.safe_load(config.read_text())["model"]["terms"]
+    cli = _tiny_cli(config, teacher_run, tiny_shapes)
+    module = cli.model
+    pairs = list(module.distiller.iter_pairs())
+    assert [p.term_name for p in pairs] == [term["name"] for term in spec]
+    for pair, term in zip(pairs, spec, strict=True):
+        assert type(pair.loss).__name__ == term["loss"]["class_path"].rsplit(".", 1)[-1]
+        assert pair.weight == pytest.approx(float(term["weight"]))
+    teacher_before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    auxiliary = {id(p) for pair in pairs for p in getattr(pair.loss, "auxiliary_parameters", list)()}
+    owned = [p for pair in pairs for p in pair.loss.parameters() if id(p) not in auxiliary]
+    owned_before = [p.detach().clone() for p in owned]
+    adversary = [p for pair in pairs for p in pair.loss.parameters() if id(p) in auxiliary]
+    adversary_before = [p.detach().clone() for p in adversary]
+    cli.trainer.fit(module, datamodule=cli.datamodule)
+
+    assert cli.trainer.global_step == 2
+    logged = cli.trainer.callback_metrics
+    for term in spec:
+        value = logged[f"train/distill/{term['name']}"]
+        assert torch.isfinite(value)
+    assert all(torch.equal(v, teacher_before[k]) for k, v in module.teacher.state_dict().items())
+    assert all(not torch.equal(p, b) for p, b in zip(owned, owned_before, strict=True))  # own modules trained
+    if adversary:  # trained by its own optimiser; a bias that cancels in D(S) − D(T) gets no gradient
+        moved = [not torch.equal(p, b) for p, b in zip(adversary, adversary_before, strict=True)]
+        assert sum(moved) >= 0.9 * len(moved)
+
+
+def test_term_hyperparameters_are_set_per_term_from_the_command_line(teacher_run, tiny_shapes):
+    config = REPO / "experiments" / "shapes_cwd.yaml"
+    cli = _tiny_cli(config, teacher_run, tiny_shapes, "--model.terms.cwd_logits.loss.init_args.tau", "2",
+                    "--model.terms[0].weight=5", "--model.terms.0.loss.init_args.normalize", "spatial")  # fmt: skip
+    (pair,) = cli.model.distiller.iter_pairs()
+    assert (pair.loss.tau, pair.weight, pair.loss.normalize) == (2.0, 5.0, "spatial")
+    with pytest.raises(SystemExit, match=r"no term named or numbered 'loss' \(terms: 0=cwd_logits\)"):
+        _tiny_cli(config, teacher_run, tiny_shapes, "--model.terms.loss.init_args.tau", "2")
+    with pytest.raises(SystemExit, match=r"term 'cwd_logits' has no 'loss.init_args.temperature'"):
+        _tiny_cli(config, teacher_run, tiny_shapes, "--model.terms.cwd_logits.loss.init_args.temperature", "2")
+
+
+def test_a_top_level_optimizer_is_refused(teacher_run, tiny_shapes, capsys):
+    with pytest.raises(SystemExit):
+        _tiny_cli(REPO / "experiments" / "shapes_student.yaml", teacher_run, tiny_shapes,
+                  "--optimizer", "torch.optim.SGD")  # fmt: skip
+    assert "unrecognized arguments: --optimizer" in capsys.readouterr().err
+
+
+def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, tiny_shapes, tmp_path):
+    from cwd_lightning import sweep
+
+    _, teacher_dir, _, _ = teacher_run
+    table_file = tmp_path / "tiny.yaml"
+    shared = ["--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
+              "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), *tiny_overrides(tiny_shapes, 2),
+              "--trainer.callbacks", "[]"]  # fmt: skip
+    table_file.write_text(yaml.safe_dump({
+        "name": "tiny", "title": "tiny table", "seeds": [0, 1], "args": shared, "baseline": "cwd",
+        "rows": [{"name": "cwd", "config": "shapes_cwd"},
+                 {"name": "tau2", "config": "shapes_cwd", "args": ["--model.terms.0.loss.init_args.tau", "2"]}],
+    }))  # fmt: skip
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    table = sweep.Table.load(table_file)
+    report = sweep.run_table(table, REPO / "experiments", runs, results)
+
+    files = sorted(p.relative_to(results).as_posix() for p in results.rglob("seed*.json"))
+    assert files == ["tiny/cwd/seed0.json", "tiny/cwd/seed1.json", "tiny/tau2/seed0.json", "tiny/tau2/seed1.json"]
+    first = json.loads((results / "tiny/cwd/seed0.json").read_text())
+    assert first["steps"] == 2 and 0 <= first["best"] <= 1 and first["wall_s"] > 0
+    assert first["teacher_fingerprint"] and first["hardware"] and first["commit"]
+    tau2 = json.loads((results / "tiny/tau2/seed0.json").read_text())
+    assert tau2["config_digest"] != first["config_digest"]
+    text = report.read_text()
+    assert "| cwd | 2 |" in text and "4 of 4 runs done" in text
+
+    mean = sum(json.loads((results / f"tiny/cwd/seed{k}.json").read_text())["best"] for k in (0, 1)) / 2
+    assert f"{mean:.4f} ±" in text
+
+    stamps = {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")}
+    sweep.run_table(table, REPO / "experiments", runs, results)  # everything done: nothing re-runs
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
+    assert len(list((runs / "tables" / "tiny").glob("*_seed*.log"))) == 4
