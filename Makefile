@@ -13,11 +13,14 @@ export WANDB_MODE ?= offline
 # runs (runs/<teacher>/...ckpt) it becomes a file dependency, so the teacher is trained first if missing.
 TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*runs/[^[:space:]]+\.ckpt' experiments/$(EXP).yaml 2>/dev/null | sed -E 's/.*teacher_checkpoint:[[:space:]]*//')
 
-.PHONY: help install train resume eval export report test lint format clean distclean
+TABLE ?= shapes
+
+.PHONY: help install train resume eval export report table ablation features test lint format clean distclean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
-	@echo "  Variables: EXP=<experiments/*.yaml stem> (default shapes_cwd), ARGS='<extra CLI args>', CKPT=best|last|<path>"
+	@echo "  Variables: EXP=<experiments/*.yaml stem> (default shapes_cwd), ARGS='<extra CLI args>', CKPT=best|last|<path>,"
+	@echo "             TABLE=<experiments/tables/*.yaml stem> (default shapes)"
 
 install: $(STAMP) ## Create .venv and install the package (editable) with pinned versions from constraints.txt
 
@@ -45,6 +48,15 @@ export: $(STAMP) ## Write the distilled student of runs/EXP alone to exports/EXP
 
 report: $(STAMP) ## Results table (markdown) and plots from runs/ into reports/ (no network)
 	$(PY) -m cwd_lightning.report --runs runs --out reports
+
+table: $(STAMP) runs/shapes_teacher/best.ckpt ## Run or resume experiments/tables/$(TABLE).yaml (default: the method comparison) -> results/$(TABLE)_table.md
+	$(PY) -m cwd_lightning.sweep experiments/tables/$(TABLE).yaml
+
+ablation: ## The CWD ablation (normalisation x divergence, tau) -> results/shapes_ablation_table.md
+	$(MAKE) table TABLE=shapes_ablation
+
+features: ## The method comparison on a feature map -> results/shapes_features_table.md
+	$(MAKE) table TABLE=shapes_features
 
 test: $(STAMP) ## Run the test suite (CPU, offline)
 	$(VENV)/bin/pytest -q $(ARGS)

@@ -195,14 +195,16 @@ def _write_result(path: Path, result: dict) -> None:
     temporary.replace(path)  # a result file is whole or absent
 
 
-def existing_result(path: Path, digest: str) -> dict | None:
+def existing_result(path: Path, digest: str, set_aside: bool = True) -> dict | None:
     """The result at ``path`` if it was made with the same resolved config; an outdated one is moved to
-    ``stale/`` (kept, not overwritten) so the run is repeated."""
+    ``stale/`` (kept, not overwritten) so the run is repeated, unless ``set_aside`` is False."""
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
     if result.get("config_digest") == digest:
         return result
+    if not set_aside:
+        return None
     stale = (
         path.parent / "stale" / f"{path.stem}.{result.get('finished', 'old').replace(' ', '_').replace(':', '')}.json"
     )
@@ -214,14 +216,16 @@ def existing_result(path: Path, digest: str) -> dict | None:
 
 def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, dry_run: bool = False) -> Path:
     runs = runs_root / "tables" / table.name
-    for row in table.rows:
-        digest = hashlib.sha256(resolved_config(row, table, experiments).encode()).hexdigest()[:16]
-        for seed in table.seeds:
+    digests = {row.name: hashlib.sha256(resolved_config(row, table, experiments).encode()).hexdigest()[:16]
+               for row in table.rows}  # fmt: skip
+    for seed in table.seeds:  # seed-major: an interrupted sweep has every row at its first seeds
+        for row in table.rows:
+            digest = digests[row.name]
             path = results / table.name / row.name / f"seed{seed}.json"
             if existing_result(path, digest) is not None:
                 print(f"[{table.name}] {row.name} seed {seed}: done ({path})", flush=True)
                 continue
-            if row.reuse and (shared := existing_result(results / row.reuse / f"seed{seed}.json", digest)):
+            if row.reuse and (shared := existing_result(results / row.reuse / f"seed{seed}.json", digest, False)):
                 _write_result(path, {**shared, "table": table.name, "row": row.name, "label": row.label,
                                      "reused_from": row.reuse})  # fmt: skip
                 print(f"[{table.name}] {row.name} seed {seed}: the same run as {row.reuse}", flush=True)
