@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from cwd_lightning.analysis.render import plt
-from cwd_lightning.analysis.runs import Run, find_runs
+from cwd_lightning.analysis.runs import Run, find_runs, recipe_key
 from cwd_lightning.cli import experiment_group
 
 _ORDER = {"teacher": 0, "student": 1, "distilled": 2}
@@ -64,6 +64,49 @@ def _format(value: float | None) -> str:
     return f"{value:.4f}" if value is not None else "–"
 
 
+def describe_terms(config: dict) -> tuple[str, str, str, str]:
+    """(method, weight, τ, other loss settings) of a run's distillation terms; ``–`` for none."""
+    terms = (config.get("model") or {}).get("terms") or []
+    if not terms:
+        return "–", "–", "–", ""
+    methods, weights, taus, settings = [], [], [], []
+    for term in terms:
+        loss = term.get("loss") or {}
+        args = dict(loss.get("init_args") or {})
+        methods.append(loss.get("class_path", "?").rsplit(".", 1)[-1])
+        weights.append(f"{float(term.get('weight', 1.0)):g}")
+        taus.append(f"{float(args.pop('tau')):g}" if "tau" in args else "–")
+        others = [f"{k}={v}" for k, v in args.items() if not isinstance(v, dict | list)]
+        settings.append(" ".join([f"@{term.get('student')}", *others]))
+    return " + ".join(methods), " + ".join(weights), " + ".join(taus), "; ".join(settings)
+
+
+def seed_table(runs: list[Run]) -> list[str]:
+    """Runs that differ only by seed (and name/folder) as one row: mean ± std of the best metric."""
+    groups: dict[str, list[Run]] = defaultdict(list)
+    for run in runs:
+        if run.best() is not None:
+            groups[recipe_key(run)].append(run)
+    lines = [
+        "| method | weight | τ | settings | seeds | best mean ± std | runs |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    rows = []
+    for members in groups.values():
+        members.sort(key=lambda run: int(run.config.get("seed_everything") or 0))
+        values = [run.best() for run in members]
+        mean = float(np.mean(values))
+        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
+        method, weight, tau, settings = describe_terms(members[0].config)
+        if method == "–":
+            method = f"none ({members[0].role})"
+        seeds = ", ".join(str(run.config.get("seed_everything")) for run in members)
+        names = ", ".join(run.name for run in members)
+        rows.append((method, f"| {method} | {weight} | {tau} | {settings} | {seeds} | "
+                             f"{mean:.4f} ± {std:.4f} ({members[0].metric}) | {names} |"))  # fmt: skip
+    return lines + [line for _, line in sorted(rows)]
+
+
 def write_report(runs_root: str | Path = "runs", out: str | Path = "reports") -> Path:
     runs = find_runs(runs_root)
     if not runs:
@@ -106,6 +149,10 @@ def write_report(runs_root: str | Path = "runs", out: str | Path = "reports") ->
                 lines += ["", f"Channel distributions of `{run.name}` at the end of training:", "",
                           f"![{run.name} channels]({run.name}_channels.png)"]  # fmt: skip
         lines.append("")
+    every_run = find_runs(runs_root, recursive=True)
+    lines += ["## Over seeds", "",
+              f"Every run under `{runs_root}/` (sweeps included), runs that differ only by seed taken together.", "",
+              *seed_table(every_run), ""]  # fmt: skip
     report = out / "results.md"
     report.write_text("\n".join(lines))
     return report

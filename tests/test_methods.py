@@ -135,3 +135,31 @@ def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, 
     sweep.run_table(table, REPO / "experiments", runs, results)  # everything done: nothing re-runs
     assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
     assert len(list((runs / "tables" / "tiny").glob("*_seed*.log"))) == 4
+
+
+def test_report_takes_runs_that_differ_only_by_seed_together(tmp_path):
+    from cwd_lightning.report import write_report
+
+    def run(folder: str, seed: int, tau: float, best: float) -> None:
+        path = tmp_path / "runs" / folder
+        path.mkdir(parents=True)
+        term = {
+            "name": "cwd",
+            "student": "head",
+            "teacher": "head",
+            "weight": 3.0,
+            "loss": {"class_path": "cwd_lightning.losses.ChannelWiseDivergence", "init_args": {"tau": tau}},
+        }
+        config = {"seed_everything": seed, "experiment": folder.rsplit("/", 1)[-1], "runs_root": "runs",
+                  "trainer": {"max_steps": 10, "default_root_dir": str(path)}, "model": {"terms": [term]}}  # fmt: skip
+        (path / "config.yaml").write_text(yaml.safe_dump(config))
+        (path / "metrics.csv").write_text(f"step,val/mIoU\n4,{best / 2}\n9,{best}\n")
+
+    run("tables/t/cwd_seed0", 0, 4.0, 0.30)
+    run("tables/t/cwd_seed1", 1, 4.0, 0.34)
+    run("tables/t/cwd_seed2", 2, 4.0, 0.32)
+    run("tau1", 0, 1.0, 0.25)
+    text = write_report(tmp_path / "runs", tmp_path / "reports").read_text()
+    section = text[text.index("## Over seeds") :]
+    assert "| ChannelWiseDivergence | 3 | 4 | @head | 0, 1, 2 | 0.3200 ± 0.0200 (val/mIoU) |" in section
+    assert "| ChannelWiseDivergence | 3 | 1 | @head | 0 | 0.2500 ± 0.0000 (val/mIoU) |" in section

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import json
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -83,8 +84,23 @@ def load_run(path: str | Path) -> Run:
     return Run(path, yaml.safe_load(config_path.read_text()), rows)
 
 
-def find_runs(root: str | Path = "runs") -> list[Run]:
-    return [load_run(p.parent) for p in sorted(Path(root).glob("*/config.yaml"))]
+def find_runs(root: str | Path = "runs", recursive: bool = False) -> list[Run]:
+    """The run folders directly under ``root`` (or at any depth, e.g. the sweeps' ``runs/tables/...``)."""
+    pattern = "**/config.yaml" if recursive else "*/config.yaml"
+    return [load_run(p.parent) for p in sorted(Path(root).glob(pattern))]
+
+
+#: config keys that name or place a run, or pick its seed: runs that differ only in these are repeats
+_NOT_THE_RECIPE = ("seed_everything", "experiment", "runs_root", "ckpt_path", "config")
+
+
+def recipe_key(run: Run) -> str:
+    """The run's config without its name, folder, seed and progress-bar settings, as canonical JSON."""
+    config = {k: v for k, v in run.config.items() if k not in _NOT_THE_RECIPE}
+    trainer = {
+        k: v for k, v in (config.get("trainer") or {}).items() if k not in ("default_root_dir", "enable_progress_bar")
+    }
+    return json.dumps({**config, "trainer": trainer}, sort_keys=True, default=str)
 
 
 def build(spec: dict[str, Any]) -> nn.Module:
