@@ -24,6 +24,7 @@ import statistics
 import subprocess
 import sys
 import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -133,13 +134,18 @@ def resolved_config(row: Row, table: Table, experiments: Path) -> str:
     return "\n".join(line for line in printed.getvalue().splitlines() if not line.startswith(skipped))
 
 
-def _environment() -> dict[str, str]:
-    return {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
-            "PYTHONUNBUFFERED": "1"}  # fmt: skip
+def _environment(threads: int | None = None) -> dict[str, str]:
+    environment = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
+                   "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    if threads is not None:  # several runs side by side: each gets its share of the cores
+        environment["OMP_NUM_THREADS"] = str(threads)
+    return environment
 
 
 # ---------------------------------------------------------------- running
-def run_row(row: Row, seed: int, table: Table, digest: str, experiments: Path, runs: Path, results: Path) -> dict:
+def run_row(
+    row: Row, seed: int, table: Table, digest: str, experiments: Path, runs: Path, results: Path, jobs: int = 1
+) -> dict:
     run_dir = runs / f"{row.name}_seed{seed}"
     if run_dir.exists():  # an interrupted run: keep it aside, start this one clean
         aside = run_dir.with_name(f"{run_dir.name}.interrupted")
@@ -155,7 +161,8 @@ def run_row(row: Row, seed: int, table: Table, digest: str, experiments: Path, r
     runs.mkdir(parents=True, exist_ok=True)
     start = time.perf_counter()
     with open(runs / f"{run_dir.name}.log", "w") as log:
-        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_environment()).returncode
+        threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+        code = subprocess.run(command, stdout=log, stderr=subprocess.STDOUT, env=_environment(threads)).returncode
     wall = time.perf_counter() - start
     if code != 0:
         raise RuntimeError(
@@ -176,6 +183,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, experiments: Path, r
         "steps": int(checkpoint.get("global_step", 0)),
         "wall_s": round(wall, 1),
         "hardware": hardware(),
+        "runs_side_by_side": jobs,
         "torch": torch.__version__,
         "commit": commit(),
         "teacher_fingerprint": checkpoint.get("hyper_parameters", {}).get("teacher_fingerprint"),
@@ -214,27 +222,35 @@ def existing_result(path: Path, digest: str, set_aside: bool = True) -> dict | N
     return None
 
 
-def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, dry_run: bool = False) -> Path:
+def run_table(
+    table: Table, experiments: Path, runs_root: Path, results: Path, dry_run: bool = False, jobs: int = 1
+) -> Path:
+    """Run every (row, seed) without a current result, ``jobs`` at a time, seed-major (an interrupted
+    sweep has every row at its first seeds); the markdown table is rewritten after each run."""
     runs = runs_root / "tables" / table.name
     digests = {row.name: hashlib.sha256(resolved_config(row, table, experiments).encode()).hexdigest()[:16]
                for row in table.rows}  # fmt: skip
-    for seed in table.seeds:  # seed-major: an interrupted sweep has every row at its first seeds
+    pending = []
+    for seed in table.seeds:
         for row in table.rows:
             digest = digests[row.name]
             path = results / table.name / row.name / f"seed{seed}.json"
             if existing_result(path, digest) is not None:
                 print(f"[{table.name}] {row.name} seed {seed}: done ({path})", flush=True)
-                continue
-            if row.reuse and (shared := existing_result(results / row.reuse / f"seed{seed}.json", digest, False)):
+            elif row.reuse and (shared := existing_result(results / row.reuse / f"seed{seed}.json", digest, False)):
                 _write_result(path, {**shared, "table": table.name, "row": row.name, "label": row.label,
                                      "reused_from": row.reuse})  # fmt: skip
                 print(f"[{table.name}] {row.name} seed {seed}: the same run as {row.reuse}", flush=True)
-                continue
-            if dry_run:
+            else:
                 print(f"[{table.name}] {row.name} seed {seed}: to run", flush=True)
-                continue
-            run_row(row, seed, table, digest, experiments, runs, results)
-            write_markdown(table, results)
+                pending.append((row, seed, digest))
+    if not dry_run and pending:
+        with ThreadPoolExecutor(max_workers=jobs) as pool:
+            futures = [pool.submit(run_row, row, seed, table, digest, experiments, runs, results, jobs)
+                       for row, seed, digest in pending]  # fmt: skip
+            for future in as_completed(futures):
+                future.result()
+                write_markdown(table, results)
     report = write_markdown(table, results)
     if not dry_run:
         log_wandb_table(table, results, runs)
@@ -289,6 +305,8 @@ def write_markdown(table: Table, results: Path) -> Path:
         f"- arguments shared by every row: `{' '.join(table.args) or '(none)'}`",
         f"- commit(s): {', '.join(sorted({r['commit'] for r in everything})) or '–'}",
         f"- hardware: {'; '.join(sorted({r['hardware'] for r in everything})) or '–'}",
+        f"- runs side by side (each on cores/runs threads; wall times include the sharing): "
+        f"{', '.join(str(j) for j in sorted({r.get('runs_side_by_side', 1) for r in everything})) or '–'}",
         f"- teacher fingerprint(s): {', '.join(sorted(teachers)) or '–'}",
         "",
         f"| method | runs | {metric} mean ± std | Δ vs baseline | per seed | wall time / run |",
@@ -330,13 +348,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--runs_root", default="runs")
     parser.add_argument("--results", default="results")
     parser.add_argument("--dry_run", action="store_true", help="list what would run; run nothing")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("SWEEP_JOBS", "1")),
+                        help="runs side by side, each with cores/jobs threads (default 1, or $SWEEP_JOBS)")  # fmt: skip
     parser.add_argument("--markdown_only", action="store_true", help="rewrite the table from the result files")
     args = parser.parse_args(argv)
     table = Table.load(args.table)
     if args.markdown_only:
         print(f"wrote {write_markdown(table, Path(args.results))}")
         return
-    report = run_table(table, Path(args.experiments), Path(args.runs_root), Path(args.results), args.dry_run)
+    report = run_table(table, Path(args.experiments), Path(args.runs_root), Path(args.results), args.dry_run, args.jobs)
     print(f"wrote {report}")
 
 
