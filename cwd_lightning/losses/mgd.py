@@ -27,10 +27,12 @@ class MaskedGenerativeDistillation(DistillationLoss):
             raise ValueError(f"MaskedGenerativeDistillation: mask_ratio must be in [0, 1), got {mask_ratio}")
         self.mask_ratio = float(mask_ratio)
         self.align: nn.Module | None = None
+        self.channels: tuple[int, int] | None = None  # (student, teacher) channels it was built for
         self.generator: nn.Module | None = None
 
     def build(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         student_channels, channels = student_shape[1], teacher_shape[1]
+        self.channels = (student_channels, channels)
         self.align = nn.Conv2d(student_channels, channels, 1) if student_channels != channels else nn.Identity()
         self.generator = nn.Sequential(
             nn.Conv2d(channels, channels, 3, padding=1),
@@ -43,12 +45,12 @@ class MaskedGenerativeDistillation(DistillationLoss):
         if self.generator is None or self.align is None:
             raise RuntimeError("MaskedGenerativeDistillation: build() must run before the first call")
         with full_precision(student):
-            aligned = self.align(student.float())
-            if aligned.shape[1] != teacher.shape[1]:
+            if (student.shape[1], teacher.shape[1]) != self.channels:
                 raise ValueError(
-                    f"MaskedGenerativeDistillation: built for {aligned.shape[1]} teacher channels, got teacher "
-                    f"{tuple(teacher.shape)}"
+                    f"MaskedGenerativeDistillation: built for {self.channels[0]} → {self.channels[1]} channels, got "
+                    f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
                 )
+            aligned = self.align(student.float())
             keep = torch.rand(aligned.shape[0], 1, *aligned.shape[2:], device=aligned.device) >= self.mask_ratio
             generated = self.generator(aligned * keep)
             return (generated - teacher.detach().float()).pow(2).sum() / student.shape[0]
