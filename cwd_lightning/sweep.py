@@ -159,6 +159,7 @@ def run_row(
                    *table.args, *row.args)  # fmt: skip
     print(f"[{table.name}] {row.name} seed {seed}: {' '.join(command[2:])}", flush=True)
     runs.mkdir(parents=True, exist_ok=True)
+    code_version = commit()  # the code the run starts with
     start = time.perf_counter()
     with open(runs / f"{run_dir.name}.log", "w") as log:
         threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
@@ -185,7 +186,7 @@ def run_row(
         "hardware": hardware(),
         "runs_side_by_side": jobs,
         "torch": torch.__version__,
-        "commit": commit(),
+        "commit": code_version,
         "teacher_fingerprint": checkpoint.get("hyper_parameters", {}).get("teacher_fingerprint"),
         "config": row.config,
         "args": [*table.args, *row.args],
