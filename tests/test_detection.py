@@ -220,6 +220,35 @@ def test_fpn_distillation_logs_every_level_and_keeps_the_teacher_frozen(tiny_sha
     assert not module.teacher.training
 
 
+def test_a_shared_head_is_distilled_on_every_level_it_runs_on(tiny_shapes, tmp_path):
+    """RetinaNet's classification head runs once per FPN level: ``calls: all`` gives one pair per level."""
+
+    def detector():
+        return build_detector("retinanet", "resnet18", 10, None, min_size=32, max_size=32,
+                              anchor_sizes=[8, 16, 32, 64, 128])  # fmt: skip
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save(detector().state_dict(), teacher_path)
+    path = "head.classification_head.cls_logits"
+    with pytest.raises(ValueError, match="runs 5 times per forward; say which call"):
+        DistillationModule(DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
+                           [DistillTerm("cls", path, path, ChannelWiseDivergence(1.0))])  # fmt: skip
+    module = DistillationModule(
+        DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
+        [DistillTerm("cls", path, path, ChannelWiseDivergence(1.0), 1.0, calls="all")],
+        optimizer=partial(torch.optim.AdamW, lr=1e-4),
+    )  # fmt: skip
+    pairs = list(module.distiller.pairs["cls"])
+    assert [p.label for p in pairs] == [f"call{k}" for k in range(5)]
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, _detection_datamodule(tiny_shapes.parent / "det_shapes"))
+    values = [float(trainer.callback_metrics[f"train/distill/cls/call{k}"]) for k in range(5)]
+    # at 32 px, P3 is 4×4 and P4 2×2; P5-P7 are 1×1, where a distribution over one position has KL 0
+    assert values[0] > 0 and values[1] > 0 and values[0] != values[1] and values[2:] == [0.0, 0.0, 0.0]
+
+
 def test_group_norm_head_for_training_from_scratch():
     model = build_detector("retinanet", "resnet18", 3, None, min_size=64, max_size=64, head_norm="group")
     norms = [m for m in model.head.modules() if isinstance(m, torch.nn.GroupNorm)]
