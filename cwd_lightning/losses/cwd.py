@@ -64,12 +64,10 @@ class ChannelWiseDivergence(nn.Module):
             return forward_kl + (log_p_student.exp() * (log_p_student - log_p_teacher)).sum(-1)
 
     def kl_per_sample_channel(self, student: Tensor, teacher: Tensor) -> Tensor:
-        """N×C matrix of KL(p_T ‖ p_S) over positions, unscaled; useful to inspect single channels."""
+        """N×C matrix of KL(p_T ‖ p_S) over the positions of each channel at this τ, unscaled (whatever
+        the switches); useful to inspect single channels."""
         check_maps(type(self).__name__, student, teacher)
-        with full_precision(student):
-            log_p_student = F.log_softmax(student.float().flatten(2) / self.tau, dim=-1)
-            log_p_teacher = F.log_softmax(teacher.detach().float().flatten(2) / self.tau, dim=-1)
-            return (log_p_teacher.exp() * (log_p_teacher - log_p_student)).sum(-1)
+        return ChannelWiseDivergence(self.tau).divergence_per_distribution(student, teacher)
 
     def _log_distributions(self, maps: Tensor) -> Tensor:
         flat = maps.flatten(2) / self.tau  # N×C×HW
