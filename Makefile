@@ -50,7 +50,7 @@ report: $(STAMP) ## Results table (markdown) and plots from runs/ into reports/ 
 	$(PY) -m cwd_lightning.report --runs runs --out reports
 
 table: $(STAMP) runs/shapes_teacher/best.ckpt ## Run or resume experiments/tables/$(TABLE).yaml (default: the method comparison) -> results/$(TABLE)_table.md
-	$(PY) -m cwd_lightning.sweep experiments/tables/$(TABLE).yaml
+	$(PY) -m cwd_lightning.sweeps experiments/tables/$(TABLE).yaml
 
 ablation: ## The CWD ablation (normalisation x divergence, tau) -> results/shapes_ablation_table.md
 	$(MAKE) table TABLE=shapes_ablation

@@ -82,10 +82,10 @@ def describe_terms(config: dict) -> tuple[str, str, str, str]:
 
 
 def seed_table(runs: list[Run]) -> list[str]:
-    """Runs that differ only by seed (and name/folder) as one row: mean ± std of the best metric."""
+    """Finished runs that differ only by seed (and name/folder) as one row: mean ± std of the best metric."""
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        if run.best() is not None:
+        if run.finished and run.best() is not None:
             groups[recipe_key(run)].append(run)
     lines = [
         "| method | weight | τ | settings | seeds | best mean ± std | runs |",
@@ -151,7 +151,8 @@ def write_report(runs_root: str | Path = "runs", out: str | Path = "reports") ->
         lines.append("")
     every_run = find_runs(runs_root, recursive=True)
     lines += ["## Over seeds", "",
-              f"Every run under `{runs_root}/` (sweeps included), runs that differ only by seed taken together.", "",
+              f"Every finished run under `{runs_root}/` (sweeps included), runs that differ only by seed taken "
+              "together.", "",
               *seed_table(every_run), ""]  # fmt: skip
     report = out / "results.md"
     report.write_text("\n".join(lines))

@@ -152,6 +152,25 @@ def test_a_loss_receives_labels_at_the_maps_size_and_the_step(teacher_file, tiny
     assert set(labels.unique().tolist()) <= set(range(CLASSES)) | {255}
 
 
+def test_labels_reach_a_loss_at_the_size_of_the_maps_it_compares(teacher_file, tiny_shapes):
+    module = _module(teacher_file, [DistillTerm("spy", "shared", "shared", _Spy(), calls=1)])  # the /2 level
+    spy = module.distiller.pairs["spy"][0].loss
+    seen_batches = _Batches()
+    _fit(module, tiny_shapes, steps=1, callbacks=[seen_batches])
+    labels = spy.seen[-1][0]
+    full = seen_batches.masks[0]
+    assert full.shape == (4, 32, 32) and labels.shape == (4, 16, 16)
+    assert torch.equal(labels, full[:, ::2, ::2])  # nearest: the top-left pixel of each 2×2 cell
+
+
+class _Batches(L.Callback):
+    def __init__(self) -> None:
+        self.masks: list[Tensor] = []
+
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.masks.append(batch[1].clone())
+
+
 def test_labels_are_nearest_resized_and_keep_the_ignore_index():
     labels = torch.tensor([[[1, 1, 255, 255], [1, 1, 255, 255], [2, 2, 3, 3], [2, 2, 3, 3]]])
     resized = StepContext(labels, 255).labels_at(torch.Size([2, 2]))
@@ -174,8 +193,8 @@ def test_what_a_loss_asks_for_is_checked_when_the_term_is_built(teacher_file):
 
 
 def test_a_shape_the_loss_cannot_compare_fails_at_build_naming_the_fix(teacher_file):
-    with pytest.raises(ValueError, match=r"student 'stem' gives \(4, 32, 32\) but teacher 'stem' gives \(8, 32, 32\)"
-                                         r".*ChannelWiseDivergence cannot compare.*connector"):  # fmt: skip
+    with pytest.raises(ValueError, match=r"student 'stem' gives \(4, 32, 32\) and teacher 'stem' gives \(8, 32, 32\)"
+                                         r".*ChannelWiseDivergence refuses.*connector"):  # fmt: skip
         _module(teacher_file, [DistillTerm("x", "stem", "stem", ChannelWiseDivergence())])
 
 
@@ -251,6 +270,37 @@ def test_an_adversarial_loss_trains_its_discriminator_with_its_own_optimiser(tin
     checkpoint = torch.load(path, weights_only=True)
     assert len(checkpoint["optimizer_states"]) == 2 and checkpoint["optimizer_states"][1]["state"]
 
+    # resume: the discriminator, its Adam state, the student's schedule and the step count continue
+    resumed = DistillationModule(
+        SegmentationTask(CLASSES, example_size=64), net(), net(), str(teacher_path),
+        [DistillTerm("ho", "segmentation_head", "segmentation_head", HolisticAdversarial(), weight=1e-3)],
+        optimizer=partial(torch.optim.SGD, lr=0.01),
+    )  # fmt: skip
+    seen = _AtTrainStart()
+    trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, callbacks=[seen])  # fmt: skip
+    trainer.fit(resumed, data, ckpt_path=path)
+    key = "distiller.pairs.ho.0.loss.discriminator.last.weight"
+    assert torch.equal(seen.state[key], checkpoint["state_dict"][key])
+    assert seen.adam_steps == [2.0] and trainer.global_step == 3
+    adam = trainer.optimizers[1]
+    assert {float(state["step"]) for state in adam.state.values()} == {3.0}
+    assert trainer.lr_scheduler_configs[0].scheduler.last_epoch == 3
+
+
+class _AtTrainStart(L.Callback):
+    def on_train_start(self, trainer, module) -> None:
+        self.state = {k: v.clone() for k, v in module.state_dict().items()}
+        self.adam_steps = sorted({float(s["step"]) for s in trainer.optimizers[1].state.values()})
+
+
+def test_a_loss_with_its_own_optimiser_must_say_what_it_trains(teacher_file):
+    class Incomplete(ChannelWiseDivergence):
+        auxiliary_optimizer = staticmethod(torch.optim.Adam)
+
+    with pytest.raises(TypeError, match="sets auxiliary_optimizer but has no auxiliary_loss"):
+        _module(teacher_file, [DistillTerm("x", "fpn_out[0]", "fpn_out[0]", Incomplete(), connector="conv")])
+
 
 # ---------------------------------------------------------------- schedules: torch's own
 @pytest.mark.parametrize(("schedule", "warmup"), [("poly", 0), ("poly", 10), ("onecycle", 0), ("constant", 5)])
@@ -269,10 +319,16 @@ def test_schedules_give_torchs_learning_rates(schedule, warmup):
         if warmup:
             expected = SequentialLR(reference, [LinearLR(reference, 1 / warmup, 1.0, warmup), main], [warmup])
     for step in range(total):
+        if step < warmup:  # torch's LinearLR ramp, in closed form
+            factor = 1 / warmup + (1 - 1 / warmup) * step / warmup
+            assert ours.param_groups[0]["lr"] == pytest.approx(base * factor, rel=1e-9)
+        elif schedule == "poly":
+            expected_lr = base * (1 - (step - warmup) / (total - warmup)) ** 0.9
+            assert ours.param_groups[0]["lr"] == pytest.approx(expected_lr, rel=1e-9)
+        elif schedule == "constant":
+            assert ours.param_groups[0]["lr"] == pytest.approx(base, rel=1e-12)
         if step in (0, 1, warmup, 37, total - 1) or step == warmup - 1:
             assert ours.param_groups[0]["lr"] == pytest.approx(reference.param_groups[0]["lr"], rel=1e-9, abs=1e-12)
-        if schedule == "poly" and not warmup:
-            assert ours.param_groups[0]["lr"] == pytest.approx(base * (1 - step / total) ** 0.9, rel=1e-9)
         ours.step()
         scheduler.step()
         reference.step()

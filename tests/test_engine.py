@@ -116,7 +116,7 @@ def test_terms_need_a_teacher_and_a_teacher_needs_weights(teacher_file):
 def test_shape_mismatch_needs_a_connector_and_connectors_are_trained(teacher_file, tiny_shapes):
     # PSPNet decoder: 512 channels at stride 8; FPN decoder: 128 channels at stride 4
     term = partial(DistillTerm, "features", "decoder", "decoder", ChannelWiseDivergence(4.0), 10.0)
-    with pytest.raises(ValueError, match=r"student 'decoder' gives \(512, 4, 4\) but teacher 'decoder' gives "
+    with pytest.raises(ValueError, match=r"student 'decoder' gives \(512, 4, 4\) and teacher 'decoder' gives "
                                          r"\(128, 8, 8\).*connector"):  # fmt: skip
         _module(teacher_file, terms=[term()])
     module = _module(teacher_file, terms=[term(connector="conv_bn", resize="student_to_teacher")])

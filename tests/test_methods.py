@@ -102,7 +102,8 @@ def test_a_top_level_optimizer_is_refused(teacher_run, tiny_shapes, capsys):
 
 
 def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, tiny_shapes, tmp_path):
-    from cwd_lightning import sweep
+    from cwd_lightning.sweeps.runner import run_table
+    from cwd_lightning.sweeps.spec import Table
 
     _, teacher_dir, _, _ = teacher_run
     table_file = tmp_path / "tiny.yaml"
@@ -115,8 +116,8 @@ def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, 
                  {"name": "tau2", "config": "shapes_cwd", "args": ["--model.terms.0.loss.init_args.tau", "2"]}],
     }))  # fmt: skip
     results, runs = tmp_path / "results", tmp_path / "runs"
-    table = sweep.Table.load(table_file)
-    report = sweep.run_table(table, REPO / "experiments", runs, results)
+    table = Table.load(table_file)
+    report = run_table(table, REPO / "experiments", runs, results)
 
     files = sorted(p.relative_to(results).as_posix() for p in results.rglob("seed*.json"))
     assert files == ["tiny/cwd/seed0.json", "tiny/cwd/seed1.json", "tiny/tau2/seed0.json", "tiny/tau2/seed1.json"]
@@ -132,7 +133,7 @@ def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, 
     assert f"{mean:.4f} ±" in text
 
     stamps = {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")}
-    sweep.run_table(table, REPO / "experiments", runs, results)  # everything done: nothing re-runs
+    run_table(table, REPO / "experiments", runs, results)  # everything done: nothing re-runs
     assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
     assert len(list((runs / "tables" / "tiny").glob("*_seed*.log"))) == 4
 
@@ -159,6 +160,10 @@ def test_report_takes_runs_that_differ_only_by_seed_together(tmp_path):
     run("tables/t/cwd_seed1", 1, 4.0, 0.34)
     run("tables/t/cwd_seed2", 2, 4.0, 0.32)
     run("tau1", 0, 1.0, 0.25)
+    run("tables/t/cwd_seed0.interrupted1", 0, 4.0, 0.05)  # set aside by the sweep: not a seed
+    unfinished = tmp_path / "runs" / "tables" / "t" / "cwd_seed3"
+    run("tables/t/cwd_seed3", 3, 4.0, 0.9)
+    (unfinished / "metrics.csv").write_text("step,val/mIoU\n4,0.9\n")  # still running: 5 of 10 steps
     text = write_report(tmp_path / "runs", tmp_path / "reports").read_text()
     section = text[text.index("## Over seeds") :]
     assert "| ChannelWiseDivergence | 3 | 4 | @head | 0, 1, 2 | 0.3200 ± 0.0200 (val/mIoU) |" in section

@@ -39,6 +39,14 @@ class Run:
         keys = set().union(*self.rows) if self.rows else set()
         return next((key for key in ("val/mIoU", "val/mAP") if key in keys), "val/loss_task")
 
+    @property
+    def finished(self) -> bool:
+        """Trained to its ``max_steps``: a run still going, or one set aside by a sweep, is not."""
+        steps = [int(row["step"]) for row in self.rows if row.get("step")]
+        max_steps = (self.config.get("trainer") or {}).get("max_steps")
+        reached = bool(steps) and (max_steps in (None, -1) or max(steps) + 1 >= max_steps)
+        return reached and ".interrupted" not in self.name
+
     def series(self, key: str) -> tuple[list[int], list[float]]:
         points = [(int(row["step"]), float(row[key])) for row in self.rows if row.get(key)]
         return [s for s, _ in points], [v for _, v in points]

@@ -100,6 +100,18 @@ class DistillPair(nn.Module):
         return getattr(self.loss, "auxiliary_optimizer", None)
 
 
+def _check_auxiliary(term: DistillTerm, loss: nn.Module) -> None:
+    """A loss with an optimiser of its own must say what it trains and on which loss."""
+    if getattr(loss, "auxiliary_optimizer", None) is None:
+        return
+    parameters = getattr(loss, "auxiliary_parameters", list)()
+    if not callable(getattr(loss, "auxiliary_loss", None)) or not parameters:
+        raise TypeError(
+            f"distillation term {term.name!r}: {type(loss).__name__} sets auxiliary_optimizer but has no "
+            "auxiliary_loss() or no auxiliary_parameters() (see losses/base.py)"
+        )
+
+
 class Distiller(nn.Module):
     """Recorders on the student and the teacher, and the pairs of every term (``pairs[term][i]``)."""
 
@@ -163,20 +175,21 @@ class Distiller(nn.Module):
             pair.context_fields = tuple(asked)
             with torch.no_grad(), evaluating(pair):  # no BN statistics moved by the probe
                 student, teacher = pair.aligned(self.student_recorder, self.teacher_recorder)
-            if hasattr(pair.loss, "build"):
-                pair.loss.build(student.shape, teacher.shape)
             labels = torch.zeros(student.shape[0], *student.shape[2:], dtype=torch.long) if has_labels else None
             try:
+                if hasattr(pair.loss, "build"):
+                    pair.loss.build(student.shape, teacher.shape)
                 with torch.no_grad(), evaluating(pair):
                     pair.value(student, teacher, StepContext(labels, ignore_index))
             except ValueError as error:
                 raise ValueError(
                     f"distillation term {term.name!r}: student {student_path!r} gives {tuple(student.shape[1:])} "
-                    f"but teacher {teacher_path!r} gives {tuple(teacher.shape[1:])} (C×H×W) after the connector "
-                    f"and resize, which {type(pair.loss).__name__} cannot compare ({error}). Set connector: "
-                    "conv|conv_bn|conv_bn_relu for a channel mismatch and/or resize: "
-                    "student_to_teacher|teacher_to_student for H×W."
+                    f"and teacher {teacher_path!r} gives {tuple(teacher.shape[1:])} (C×H×W) after the connector "
+                    f"and resize, which {type(pair.loss).__name__} refuses: {error}. For a channel or size "
+                    "mismatch set connector: conv|conv_bn|conv_bn_relu and/or resize: "
+                    "student_to_teacher|teacher_to_student."
                 ) from error
+            _check_auxiliary(term, pair.loss)
             pairs.append(pair)
         return pairs
 

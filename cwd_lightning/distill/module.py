@@ -12,6 +12,7 @@ from torch import Tensor, nn
 
 from cwd_lightning.distill import teacher as teacher_utils
 from cwd_lightning.distill.distiller import Distiller, StepContext, evaluating
+from cwd_lightning.distill.inspection import parameter_counts
 from cwd_lightning.distill.schedules import Schedule, build_schedule
 from cwd_lightning.distill.terms import DistillTerm
 from cwd_lightning.tasks.base import Task
@@ -75,8 +76,8 @@ class DistillationModule(L.LightningModule):
             example = task.example_input()
             with evaluating(student):
                 self.distiller.build(
-                    lambda: self._run(student, example, self.distiller.student_recorder.paths),
-                    lambda: self._run(teacher, example, self.distiller.teacher_recorder.paths),
+                    lambda: task.run(student, example, self.distiller.student_recorder.paths),
+                    lambda: task.run(teacher, example, self.distiller.teacher_recorder.paths),
                     has_labels=task.has_dense_labels,
                     ignore_index=task.ignore_index,
                 )
@@ -84,9 +85,6 @@ class DistillationModule(L.LightningModule):
             [p.key for p in self.distiller.iter_pairs() if p.auxiliary_optimizer] if self.terms else []
         )
         self.automatic_optimization = not self.auxiliary_keys
-
-    def _run(self, model: nn.Module, inputs: Any, paths: list[str]) -> Any:
-        return self.task.run(model, inputs, paths)
 
     # ---------------------------------------------------------------- teacher stays frozen
     def train(self, mode: bool = True) -> DistillationModule:
@@ -106,7 +104,7 @@ class DistillationModule(L.LightningModule):
             task_loss, parts = student_step(self.student, batch)
             return task_loss, parts, torch.zeros((), device=self.device), {}, {}
         with torch.no_grad(), self.distiller.recording(student=False):
-            self._run(self.teacher, self.task.batch_inputs(batch), self.distiller.teacher_recorder.paths)
+            self.task.run(self.teacher, self.task.batch_inputs(batch), self.distiller.teacher_recorder.paths)
         with self.distiller.recording(teacher=False):
             task_loss, parts = student_step(self.student, batch)
         context = StepContext(self.task.dense_labels(batch), self.task.ignore_index, self.global_step)
@@ -128,7 +126,7 @@ class DistillationModule(L.LightningModule):
         logs.update({f"train/auxiliary/{name}": value.detach() for name, value in auxiliary.items()})
         self.log_dict(logs, batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
-        if not torch.isfinite(loss):
+        if not all(torch.isfinite(value) for value in (loss, *auxiliary.values())):
             raise FloatingPointError(
                 f"non-finite loss at step {self.global_step}: { ({k: float(v) for k, v in logs.items()}) }"
             )
@@ -192,7 +190,5 @@ class DistillationModule(L.LightningModule):
         teacher_utils.restore_into_checkpoint(checkpoint, self.teacher, self.teacher_fingerprint)
 
     def on_fit_start(self) -> None:
-        from cwd_lightning.distill.inspection import parameter_counts
-
         for logger in self.loggers:
             logger.log_hyperparams(parameter_counts(self))

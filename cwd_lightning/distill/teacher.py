@@ -63,8 +63,13 @@ def freeze(model: nn.Module) -> nn.Module:
 
 def fingerprint(model: nn.Module) -> str:
     """sha256 over names, dtypes, shapes and bytes of the state_dict: identifies the teacher weights."""
+    return fingerprint_state(model.state_dict())
+
+
+def fingerprint_state(state: dict[str, Tensor]) -> str:
+    """``fingerprint`` of a state_dict (equal to the model's once the state is loaded into it)."""
     digest = hashlib.sha256()
-    for name, tensor in sorted(model.state_dict().items()):
+    for name, tensor in sorted(state.items()):
         tensor = tensor.detach().cpu().contiguous()
         digest.update(f"{name}|{tensor.dtype}|{tuple(tensor.shape)}".encode())
         digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes() if tensor.numel() else b"")

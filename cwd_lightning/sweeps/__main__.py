@@ -1,0 +1,35 @@
+"""``python -m cwd_lightning.sweeps experiments/tables/<name>.yaml [--jobs N] [--dry_run] [--markdown_only]``"""
+
+from __future__ import annotations
+
+import argparse
+import os
+from pathlib import Path
+
+from cwd_lightning.sweeps import __doc__ as description
+from cwd_lightning.sweeps.markdown import write_markdown
+from cwd_lightning.sweeps.runner import run_table
+from cwd_lightning.sweeps.spec import Table
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("table", help="a table file, e.g. experiments/tables/shapes.yaml")
+    parser.add_argument("--experiments", default="experiments", help="folder of the experiment YAMLs")
+    parser.add_argument("--runs_root", default="runs")
+    parser.add_argument("--results", default="results")
+    parser.add_argument("--dry_run", action="store_true", help="list what would run; run and write nothing")
+    parser.add_argument("--jobs", type=int, default=int(os.environ.get("SWEEP_JOBS", "1")),
+                        help="runs side by side, each with cores/jobs threads (default 1, or $SWEEP_JOBS)")  # fmt: skip
+    parser.add_argument("--markdown_only", action="store_true", help="rewrite the table from the result files")
+    args = parser.parse_args(argv)
+    table = Table.load(args.table)
+    if args.markdown_only:
+        print(f"wrote {write_markdown(table, Path(args.results))}")
+        return
+    report = run_table(table, Path(args.experiments), Path(args.runs_root), Path(args.results), args.dry_run, args.jobs)
+    print(f"wrote {report}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""Run a table's (row, seed) pairs that have no current result, each as a ``fit`` in its own process."""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import io
+import json
+import os
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor, as_completed
+from pathlib import Path
+
+import torch
+import yaml
+
+from cwd_lightning.analysis.runs import load_run
+from cwd_lightning.sweeps.markdown import log_wandb_table, write_markdown
+from cwd_lightning.sweeps.provenance import commit, hardware, teacher_fingerprint
+from cwd_lightning.sweeps.spec import Row, Table, check_same_recipe
+
+
+def resolved_config(row: Row, table: Table, experiments: Path) -> str:
+    """The row's resolved config (as ``--print_config`` gives it, term overrides applied, in this process),
+    the seed and run name left out: a changed YAML, default or argument changes the result's digest."""
+    from cwd_lightning.cli import DistillCLI
+
+    args = ["fit", "--config", str(experiments / f"{row.config}.yaml"), *table.args, *row.args, "--print_config"]
+    printed, errors = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
+        try:
+            DistillCLI(args=args)
+        except SystemExit as exit_:
+            if exit_.code not in (0, None):
+                raise RuntimeError(
+                    f"table {table.name!r}, row {row.name!r}: the config does not resolve:\n{errors.getvalue()[-2000:]}"
+                ) from None
+    skipped = ("seed_everything:", "experiment:")
+    return "\n".join(line for line in printed.getvalue().splitlines() if not line.startswith(skipped))
+
+
+def _environment(threads: int | None) -> dict[str, str]:
+    environment = {**os.environ, "WANDB_MODE": os.environ.get("WANDB_MODE", "offline"), "WANDB_SILENT": "true",
+                   "PYTHONUNBUFFERED": "1"}  # fmt: skip
+    if threads is not None:  # several runs side by side: each gets its share of the cores
+        environment["OMP_NUM_THREADS"] = str(threads)
+    return environment
+
+
+def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None, folders: dict[str, Path],
+            jobs: int = 1) -> dict:  # fmt: skip
+    """One fit; its result file once it has finished (never a partial one)."""
+    runs, results, experiments = folders["runs"], folders["results"], folders["experiments"]
+    run_dir = runs / f"{row.name}_seed{seed}"
+    if run_dir.exists():  # an interrupted run: keep it aside, start this one clean
+        number = 1
+        while (aside := run_dir.with_name(f"{run_dir.name}.interrupted{number}")).exists():
+            number += 1
+        run_dir.rename(aside)
+    command = [sys.executable, "-m", "cwd_lightning", "fit", "--config", str(experiments / f"{row.config}.yaml"),
+               "--experiment", run_dir.name, "--runs_root", str(runs), "--seed_everything", str(seed),
+               "--trainer.enable_progress_bar", "false", *table.args, *row.args]  # fmt: skip
+    print(f"[{table.name}] {row.name} seed {seed}: {' '.join(command[2:])}", flush=True)
+    runs.mkdir(parents=True, exist_ok=True)
+    code_version = commit()  # the code the run starts with
+    threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
+    start = time.perf_counter()
+    with open(runs / f"{run_dir.name}.log", "w") as log:
+        process = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, env=_environment(threads))
+        _, status, usage = os.wait4(process.pid, 0)  # the run's own CPU time, its data workers included
+        process.returncode = os.waitstatus_to_exitcode(status)
+    wall = time.perf_counter() - start
+    if process.returncode != 0:
+        raise RuntimeError(f"[{table.name}] {row.name} seed {seed} failed (exit {process.returncode}); "
+                           f"see {runs / f'{run_dir.name}.log'}")  # fmt: skip
+    checkpoint = torch.load(run_dir / "best.ckpt", map_location="cpu", weights_only=True)
+    best = next(state for key, state in checkpoint["callbacks"].items() if key.startswith("ModelCheckpoint"))
+    result = {
+        "table": table.name,
+        "row": row.name,
+        "label": row.label,
+        "seed": seed,
+        "metric": best["monitor"],
+        "best": float(best["best_model_score"]),
+        "last": load_run(run_dir).final(best["monitor"]),
+        "steps": int(checkpoint.get("global_step", 0)),
+        "wall_s": round(wall, 1),
+        "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
+        "hardware": hardware(),
+        "runs_side_by_side": jobs,
+        "torch": torch.__version__,
+        "commit": code_version,
+        "teacher_fingerprint": checkpoint.get("hyper_parameters", {}).get("teacher_fingerprint"),
+        "config": row.config,
+        "args": [*table.args, *row.args],
+        "config_digest": digest,
+        "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
+    }
+    if result["teacher_fingerprint"] != teacher:
+        raise RuntimeError(f"[{table.name}] {row.name} seed {seed}: the run used teacher "
+                           f"{result['teacher_fingerprint']}, expected {teacher}")  # fmt: skip
+    write_result(results / table.name / row.name / f"seed{seed}.json", result)
+    return result
+
+
+def write_result(path: Path, result: dict) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".json.tmp")
+    temporary.write_text(json.dumps(result, indent=2) + "\n")
+    temporary.replace(path)  # a result file is whole or absent
+
+
+def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool) -> dict | None:
+    """The result at ``path`` if it was made with the same resolved config and teacher. An outdated one is
+    moved to ``stale/`` (kept, not overwritten) when ``set_aside``, so the run is repeated."""
+    if not path.is_file():
+        return None
+    result = json.loads(path.read_text())
+    if result.get("config_digest") == digest and result.get("teacher_fingerprint") == teacher:
+        return result
+    if set_aside:
+        stale = path.parent / "stale" / f"{path.stem}.{result.get('finished', 'old').replace(' ', '_')}.json"
+        stale.parent.mkdir(exist_ok=True)
+        path.rename(stale.with_name(stale.name.replace(":", "")))
+        print(f"{path}: made with another config or teacher; kept under {stale.parent}, running again", flush=True)
+    return None
+
+
+def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, dry_run: bool = False,
+              jobs: int = 1) -> Path:  # fmt: skip
+    """Run every (row, seed) without a current result, ``jobs`` at a time, seed-major (an interrupted sweep
+    has every row at its first seeds). A failed run does not stop the others; all failures are listed at
+    the end. ``dry_run`` lists what would run and writes nothing."""
+    texts = {row.name: resolved_config(row, table, experiments) for row in table.rows}
+    resolved = {name: yaml.safe_load(text) for name, text in texts.items()}
+    check_same_recipe(table, resolved)
+    digests = {name: hashlib.sha256(text.encode()).hexdigest()[:16] for name, text in texts.items()}
+    teachers = {name: teacher_fingerprint(config) for name, config in resolved.items()}
+    pending = []
+    for seed in table.seeds:
+        for row in table.rows:
+            digest, teacher = digests[row.name], teachers[row.name]
+            path = results / table.name / row.name / f"seed{seed}.json"
+            if current_result(path, digest, teacher, set_aside=not dry_run) is not None:
+                print(f"[{table.name}] {row.name} seed {seed}: done ({path})", flush=True)
+            elif row.reuse and (shared := current_result(results / row.reuse / f"seed{seed}.json", digest, teacher,
+                                                         set_aside=False)):  # fmt: skip
+                if not dry_run:
+                    write_result(path, {**shared, "table": table.name, "row": row.name, "label": row.label,
+                                        "reused_from": row.reuse})  # fmt: skip
+                print(f"[{table.name}] {row.name} seed {seed}: the same run as {row.reuse}", flush=True)
+            else:
+                print(f"[{table.name}] {row.name} seed {seed}: to run", flush=True)
+                pending.append((row, seed, digests[row.name], teacher))
+    if dry_run:
+        return results / f"{table.name}_table.md"
+    folders = {"runs": runs_root / "tables" / table.name, "results": results, "experiments": experiments}
+    failures = []
+    with ThreadPoolExecutor(max_workers=jobs) as pool:
+        futures = {pool.submit(run_row, row, seed, table, digest, teacher, folders, jobs): (row.name, seed)
+                   for row, seed, digest, teacher in pending}  # fmt: skip
+        for future in as_completed(futures):
+            try:
+                future.result()
+            except Exception as error:  # keep the others going; report every failure at the end
+                failures.append(f"{futures[future][0]} seed {futures[future][1]}: {error}")
+                print(f"[{table.name}] FAILED {failures[-1]}", flush=True)
+            write_markdown(table, results)
+    report = write_markdown(table, results)
+    log_wandb_table(table, results, folders["runs"])
+    if failures:
+        raise RuntimeError(f"table {table.name!r}: {len(failures)} run(s) failed:\n  " + "\n  ".join(failures))
+    return report
