@@ -253,7 +253,11 @@ def apply_term_overrides(terms: list[Any] | None, overrides: list[tuple[str, str
         if key not in term:
             fields = sorted(term.keys())
             raise RunError(f"--model.terms.{selector}.{key}: term {term['name']!r} has no {key!r}; it has {fields}")
-        term[key] = yaml.safe_load(text)
+        value, current = yaml.safe_load(text), term[key]
+        numbers = (int, float)
+        if isinstance(current, numbers) and not isinstance(current, bool) and not isinstance(value, numbers):
+            raise RunError(f"--model.terms.{selector}.{key}: {text!r} is not a number (it is {current} now)")
+        term[key] = value
 
 
 def main(args: list[str] | None = None) -> None:
