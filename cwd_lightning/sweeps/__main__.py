@@ -12,6 +12,11 @@ from cwd_lightning.sweeps.runner import run_table
 from cwd_lightning.sweeps.spec import Table
 
 
+def _seeds_from_environment() -> list[int] | None:
+    text = os.environ.get("SWEEP_SEEDS", "").strip()
+    return [int(seed) for seed in text.split()] if text else None
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("table", help="a table file, e.g. experiments/tables/shapes.yaml")
@@ -21,13 +26,16 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry_run", action="store_true", help="list what would run; run and write nothing")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("SWEEP_JOBS", "1")),
                         help="runs side by side, each with cores/jobs threads (default 1, or $SWEEP_JOBS)")  # fmt: skip
+    parser.add_argument("--seeds", type=int, nargs="+", default=_seeds_from_environment(),
+                        help="run only these of the table's seeds (default all, or $SWEEP_SEEDS, e.g. '0 1')")  # fmt: skip
     parser.add_argument("--markdown_only", action="store_true", help="rewrite the table from the result files")
     args = parser.parse_args(argv)
     table = Table.load(args.table)
     if args.markdown_only:
         print(f"wrote {write_markdown(table, Path(args.results))}")
         return
-    report = run_table(table, Path(args.experiments), Path(args.runs_root), Path(args.results), args.dry_run, args.jobs)
+    report = run_table(table, Path(args.experiments), Path(args.runs_root), Path(args.results), args.dry_run, args.jobs,
+                       args.seeds)  # fmt: skip
     print(f"wrote {report}")
 
 

@@ -129,17 +129,17 @@ def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool
 
 
 def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, dry_run: bool = False,
-              jobs: int = 1) -> Path:  # fmt: skip
+              jobs: int = 1, seeds: list[int] | None = None) -> Path:  # fmt: skip
     """Run every (row, seed) without a current result, ``jobs`` at a time, seed-major (an interrupted sweep
-    has every row at its first seeds). A failed run does not stop the others; all failures are listed at
-    the end. ``dry_run`` lists what would run and writes nothing."""
+    has every row at its first seeds), only ``seeds`` if given. A failed run does not stop the others; all
+    failures are listed at the end. ``dry_run`` lists what would run and writes nothing."""
     texts = {row.name: resolved_config(row, table, experiments) for row in table.rows}
     resolved = {name: yaml.safe_load(text) for name, text in texts.items()}
     check_same_recipe(table, resolved)
     digests = {name: hashlib.sha256(text.encode()).hexdigest()[:16] for name, text in texts.items()}
     teachers = {name: teacher_fingerprint(config) for name, config in resolved.items()}
     pending = []
-    for seed in table.seeds:
+    for seed in [seed for seed in table.seeds if seeds is None or seed in seeds]:
         for row in table.rows:
             digest, teacher = digests[row.name], teachers[row.name]
             path = results / table.name / row.name / f"seed{seed}.json"
