@@ -27,7 +27,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("SWEEP_JOBS", "1")),
                         help="runs side by side, each with cores/jobs threads (default 1, or $SWEEP_JOBS)")  # fmt: skip
     parser.add_argument("--seeds", type=int, nargs="+", default=_seeds_from_environment(),
-                        help="run only these of the table's seeds (default all, or $SWEEP_SEEDS, e.g. '0 1')")  # fmt: skip
+                        help="only these of the table's seeds (default all, or $SWEEP_SEEDS: '0 1')")  # fmt: skip
     parser.add_argument("--markdown_only", action="store_true", help="rewrite the table from the result files")
     args = parser.parse_args(argv)
     table = Table.load(args.table)
