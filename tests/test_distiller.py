@@ -19,6 +19,7 @@ from cwd_lightning.distill.schedules import build_schedule
 from cwd_lightning.distill.terms import DistillTerm
 from cwd_lightning.losses import (
     ChannelWiseDivergence,
+    DistillationLoss,
     FitNets,
     HolisticAdversarial,
     IntraClassFeatureVariation,
@@ -300,6 +301,22 @@ def test_a_loss_with_its_own_optimiser_must_say_what_it_trains(teacher_file):
 
     with pytest.raises(TypeError, match="sets auxiliary_optimizer but has no auxiliary_loss"):
         _module(teacher_file, [DistillTerm("x", "fpn_out[0]", "fpn_out[0]", Incomplete(), connector="conv")])
+
+    class NoLoss(DistillationLoss):  # the base class's auxiliary_loss only raises
+        auxiliary_optimizer = staticmethod(torch.optim.Adam)
+
+        def __init__(self) -> None:
+            super().__init__()
+            self.critic = nn.Linear(1, 1)
+
+        def auxiliary_parameters(self) -> list[nn.Parameter]:
+            return list(self.critic.parameters())
+
+        def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
+            return (student - teacher).pow(2).mean()
+
+    with pytest.raises(TypeError, match="NoLoss sets auxiliary_optimizer but has no auxiliary_loss"):
+        _module(teacher_file, [DistillTerm("x", "fpn_out[0]", "fpn_out[0]", NoLoss(), connector="conv")])
 
 
 # ---------------------------------------------------------------- schedules: torch's own

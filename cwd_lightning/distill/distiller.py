@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from cwd_lightning.distill.connectors import build_connector, match_size
 from cwd_lightning.distill.recorder import ForwardRecorder
 from cwd_lightning.distill.terms import DistillTerm, pair_labels, select, split_path
-from cwd_lightning.losses.base import context_fields
+from cwd_lightning.losses.base import DistillationLoss, context_fields
 
 
 @contextmanager
@@ -64,8 +64,13 @@ class DistillPair(nn.Module):
 
     def __init__(self, term: DistillTerm, label: str, student_path: str, teacher_path: str, call: int | None) -> None:
         super().__init__()
-        self.term_name, self.label, self.weight, self.resize = term.name, label, term.weight, term.resize
-        self.student_path, self.teacher_path, self.call = student_path, teacher_path, call
+        self.term_name = term.name
+        self.label = label
+        self.weight = term.weight
+        self.resize = term.resize
+        self.student_path = student_path
+        self.teacher_path = teacher_path
+        self.call = call
         self.loss = copy.deepcopy(term.loss)  # each pair owns its loss (and whatever the loss builds)
         self.connector: nn.Module | None = None
         self.context_fields: tuple[str, ...] = ()
@@ -105,7 +110,8 @@ def _check_auxiliary(term: DistillTerm, loss: nn.Module) -> None:
     if getattr(loss, "auxiliary_optimizer", None) is None:
         return
     parameters = getattr(loss, "auxiliary_parameters", list)()
-    if not callable(getattr(loss, "auxiliary_loss", None)) or not parameters:
+    method = getattr(type(loss), "auxiliary_loss", None)
+    if not callable(method) or method is DistillationLoss.auxiliary_loss or not parameters:
         raise TypeError(
             f"distillation term {term.name!r}: {type(loss).__name__} sets auxiliary_optimizer but has no "
             "auxiliary_loss() or no auxiliary_parameters() (see losses/base.py)"
