@@ -129,6 +129,27 @@ def test_alike_selectors_get_distinct_connectors_and_log_keys(teacher_file, tiny
     assert logged["train/distill/feat/body_out_0"] != logged["train/distill/feat/fpn_out_0"]
 
 
+def test_checkpoints_from_before_pairs_owned_their_connectors_still_load(teacher_file):
+    term = DistillTerm("feat", ["body_out[0]", "fpn_out[0]"], ["body_out[0]", "fpn_out[0]"],
+                       ChannelWiseDivergence(1.0), connector="conv")  # fmt: skip
+    module = _module(teacher_file, [term])
+    state = {k: v.clone() for k, v in module.state_dict().items() if not k.startswith("teacher.")}
+    legacy = {
+        k.replace("distiller.pairs.feat.0.connector.", "connectors.feat_body_out_0.").replace(
+            "distiller.pairs.feat.1.connector.", "connectors.feat_fpn_out_0."
+        ): v
+        for k, v in state.items()
+    }
+    assert "connectors.feat_body_out_0.0.weight" in legacy
+    fresh = _module(teacher_file, [term])
+    checkpoint = {"state_dict": legacy, "hyper_parameters": dict(module.hparams)}
+    fresh.on_load_checkpoint(checkpoint)
+    fresh.load_state_dict(checkpoint["state_dict"])  # strict: every key found its place
+    assert torch.equal(
+        fresh.distiller.pairs["feat"][1].connector[0].weight, module.distiller.pairs["feat"][1].connector[0].weight
+    )
+
+
 # ---------------------------------------------------------------- context: labels and step
 class _Spy(nn.Module):
     """Records what the engine passes; needs labels and the step."""

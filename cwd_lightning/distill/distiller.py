@@ -244,6 +244,16 @@ class Distiller(nn.Module):
             self.clear()
         return total, values, auxiliary_losses
 
+    def rename_legacy_keys(self, state_dict: dict[str, Tensor]) -> None:
+        """Checkpoints written before pairs owned their connectors kept them as ``connectors.<term>`` or
+        ``connectors.<term>_<label>``; move those keys to the pair that owns them now."""
+        for term in self.terms:
+            for index, pair in enumerate(self.pairs[term.name]):
+                old = f"connectors.{term.name}_{pair.label}." if pair.label else f"connectors.{term.name}."
+                new = f"distiller.pairs.{term.name}.{index}.connector."
+                for key in [key for key in state_dict if key.startswith(old)]:
+                    state_dict[new + key[len(old) :]] = state_dict.pop(key)
+
     # ------------------------------------------------------------------ parameters
     def auxiliary_parameter_ids(self) -> set[int]:
         return {id(p) for pair in self.iter_pairs() for p in getattr(pair.loss, "auxiliary_parameters", list)()}

@@ -188,6 +188,8 @@ class DistillationModule(L.LightningModule):
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         teacher_utils.restore_into_checkpoint(checkpoint, self.teacher, self.teacher_fingerprint)
+        if self.distiller is not None:
+            self.distiller.rename_legacy_keys(checkpoint["state_dict"])
 
     def on_fit_start(self) -> None:
         for logger in self.loggers:
