@@ -87,10 +87,10 @@ def test_every_loss_has_a_method_file():
 
 @pytest.fixture(scope="module")
 def cityscapes_teacher(tmp_path_factory) -> Path:
-    from cwd_lightning.tasks.segmentation import build_segmentation_model
+    from cwd_lightning.models.dilated import build_dilated_segmentor
 
-    path = tmp_path_factory.mktemp("teachers") / "pspnet_r101.pt"
-    torch.save(build_segmentation_model("PSPNet", "resnet101", 19, None).state_dict(), path)
+    path = tmp_path_factory.mktemp("teachers") / "pspnet_r101_d8.pt"
+    torch.save(build_dilated_segmentor("psp", "resnet101", 19, None).state_dict(), path)
     return path
 
 

@@ -30,9 +30,9 @@ class SegmentationPredictionMonitor(FixedBatchCallback):
         images, masks = batch
         columns = {"ground truth": masks.cpu().numpy()}
         if getattr(module, "teacher", None) is not None:
-            columns["teacher"] = module.task.run(module.teacher, images).argmax(1).cpu().numpy()
+            columns["teacher"] = module.task.predict(module.teacher, images).cpu().numpy()
         with evaluating(module.student):
-            columns["student"] = module(images).argmax(1).cpu().numpy()
+            columns["student"] = module.task.predict(module.student, images).cpu().numpy()
         shown = [self.display_image(trainer, image) for image in images]
         payload: dict[str, Any] = {
             "trainer/global_step": trainer.global_step,

@@ -54,8 +54,15 @@ def build_segmentation_model(
     return prune_unused_modules(model, torch.zeros(1, in_channels, 64, 64))
 
 
+def main_logits(output: Tensor | dict[str, Tensor]) -> Tensor:
+    """The logits of a model that returns a tensor, or ``{"out": ..., "aux": ...}`` (torchvision, PSPNet-D8)."""
+    return output["out"] if isinstance(output, dict) else output
+
+
 class SegmentationTask(Task):
-    """Per-pixel classification with ``ignore_index`` pixels (VOC boundaries, Cityscapes void)."""
+    """Per-pixel classification with ``ignore_index`` pixels (VOC boundaries, Cityscapes void). A model may
+    return ``{"out": logits, "aux": auxiliary logits}``: in training the auxiliary cross-entropy enters
+    the task loss with ``aux_weight`` (0.4, as PSPNet and mmseg) and is logged as its own part."""
 
     monitor = "val/mIoU"
     monitor_mode = "max"
@@ -67,8 +74,12 @@ class SegmentationTask(Task):
         ignore_index: int = 255,
         class_names: list[str] | None = None,
         example_size: int = 64,
+        aux_weight: float = 0.4,
     ) -> None:
         super().__init__()
+        if aux_weight < 0:
+            raise ValueError(f"task.aux_weight must be ≥ 0, got {aux_weight}")
+        self.aux_weight = aux_weight
         if class_names is not None and len(class_names) != num_classes:
             raise ValueError(f"task.class_names has {len(class_names)} names for num_classes={num_classes}")
         self.num_classes = num_classes
@@ -106,12 +117,25 @@ class SegmentationTask(Task):
 
     def training_loss(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         images, masks = batch
-        loss, _ = self._loss(model(images), masks)
-        return loss, {"ce": loss.detach()}
+        output = model(images)
+        loss, _ = self._loss(main_logits(output), masks)
+        parts = {"ce": loss.detach()}
+        if isinstance(output, dict) and output.get("aux") is not None and self.aux_weight:
+            auxiliary, _ = self._loss(output["aux"], masks)
+            parts["aux_ce"] = auxiliary.detach()
+            loss = loss + self.aux_weight * auxiliary
+        return loss, parts
+
+    def predict(self, model: nn.Module, images: Tensor) -> Tensor:
+        """Class map at the images' size (logits upsampled first, as for the metrics)."""
+        logits = main_logits(model(images))
+        if logits.shape[-2:] != images.shape[-2:]:
+            logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
+        return logits.argmax(1)
 
     def validation_step(self, model: nn.Module, batch: tuple[Tensor, Tensor]) -> tuple[Tensor, dict[str, Tensor]]:
         images, masks = batch
-        loss, logits = self._loss(model(images), masks)
+        loss, logits = self._loss(main_logits(model(images)), masks)
         self.metrics.update(logits.argmax(1), masks)
         return loss, {}
 
