@@ -34,7 +34,7 @@ def test_the_encoder_is_dilated_not_strided_after_stage_2():
 
 
 def test_bad_choices_are_clear_errors():
-    with pytest.raises(ValueError, match="timm has no ImageNet weights for the V1c resnet18.*use resnet18d"):
+    with pytest.raises(ValueError, match=r"timm has no ImageNet weights for the V1c resnet18.*use resnet18d"):
         build_dilated_segmentor("psp", "resnet18", 19, encoder_weights="imagenet")
     with pytest.raises(ValueError, match="encoder 'resnet7' is not one of"):
         build_dilated_segmentor("psp", "resnet7", 19, encoder_weights=None)
