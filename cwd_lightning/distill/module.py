@@ -57,15 +57,18 @@ class DistillationModule(L.LightningModule):
 
         if self.terms and teacher is None:
             raise ValueError("model.terms are set but model.teacher is not: distillation needs a teacher")
-        if teacher is not None and teacher_checkpoint is None:
+        pretrained = getattr(teacher, "pretrained_source", None)  # set by the zoo builders (models/zoo.py)
+        if teacher is not None and teacher_checkpoint is None and pretrained is None:
             raise ValueError(
                 "model.teacher is set but model.teacher_checkpoint is not: a teacher with random weights "
-                "teaches nothing (give a teacher run's .ckpt or a state_dict file)"
+                "teaches nothing (give a teacher run's .ckpt or a state_dict file, or build the teacher with "
+                "pretrained weights: cwd_lightning.models.zoo.torchvision_model / smp_pretrained)"
             )
         self.teacher = teacher
         self.teacher_fingerprint: str | None = None
         if teacher is not None:
-            teacher_utils.load_weights(teacher, teacher_checkpoint)
+            if teacher_checkpoint is not None:  # over whatever the builder loaded
+                teacher_utils.load_weights(teacher, teacher_checkpoint)
             teacher_utils.freeze(teacher)
             self.teacher_fingerprint = teacher_utils.fingerprint(teacher)
             self.hparams["teacher_fingerprint"] = self.teacher_fingerprint
