@@ -24,6 +24,7 @@ from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from cwd_lightning.csv_log import AppendingCSVLogger
 from cwd_lightning.distill.module import DistillationModule
+from cwd_lightning.models.pretrained import PRETRAINED_ARGUMENTS
 
 WANDB_PROJECT = "cwd_lightning"
 
@@ -124,6 +125,31 @@ class DistillCLI(LightningCLI):
             if ckpt is not None and not Path(ckpt).is_file():
                 raise RunError(f"checkpoint {ckpt} not found (train the experiment first: make train EXP=...)")
             config.ckpt_path = ckpt
+
+    def instantiate_classes(self) -> None:
+        """As LightningCLI, but a network whose weights a checkpoint will replace is built without its
+        pretrained weights (no download just to overwrite them, so such runs rebuild offline): the teacher
+        when ``teacher_checkpoint`` is set, the student when a checkpoint is restored (resume, validate).
+        The saved config keeps the values as written."""
+        config = self.config[self.subcommand] if self.subcommand else self.config
+        model = config["model"]
+        sides = ["teacher"] if model.get("teacher_checkpoint") else []
+        if config.get("ckpt_path"):
+            sides.append("student")
+        changed = [
+            (model[side]["init_args"], key, model[side]["init_args"][key])
+            for side in sides
+            if model.get(side) is not None and model[side].get("init_args") is not None
+            for key in PRETRAINED_ARGUMENTS
+            if model[side]["init_args"].get(key) is not None
+        ]
+        for init_args, key, _ in changed:
+            init_args[key] = None
+        try:
+            super().instantiate_classes()
+        finally:
+            for init_args, key, value in changed:
+                init_args[key] = value
 
     def _fit_checkpoint(self, ckpt_path: str | None) -> str | None:
         last = self.run_dir / "last.ckpt"

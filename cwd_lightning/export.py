@@ -16,6 +16,7 @@ from torch import nn
 
 from cwd_lightning.analysis.runs import build, load_run
 from cwd_lightning.analysis.runs import load_student as load_trained_student
+from cwd_lightning.models.pretrained import without_pretrained
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
@@ -54,10 +55,11 @@ def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "
 
 
 def load_student(export_dir: str | Path) -> nn.Module:
-    """Rebuild an exported student from ``model.yaml`` + ``student.pt`` (eval mode)."""
+    """Rebuild an exported student from ``model.yaml`` + ``student.pt`` (eval mode), offline: built without
+    pretrained weights, which ``student.pt`` replaces."""
     export_dir = Path(export_dir)
     meta = yaml.safe_load((export_dir / "model.yaml").read_text())
-    student = build(meta["student"])
+    student = build(without_pretrained(meta["student"]))
     student.load_state_dict(torch.load(export_dir / "student.pt", map_location="cpu", weights_only=True))
     return student.eval()
 

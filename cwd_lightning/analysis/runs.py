@@ -120,8 +120,11 @@ def build(spec: dict[str, Any]) -> nn.Module:
 
 
 def load_student(run: Run, checkpoint: str = "best") -> nn.Module:
-    """The run's trained network (for a teacher run: the teacher), eval mode, on the CPU."""
-    model = build(run.config["model"]["student"])
+    """The run's trained network (for a teacher run: the teacher), eval mode, on the CPU; built without
+    pretrained weights (the checkpoint replaces them), so it loads offline."""
+    from cwd_lightning.models.pretrained import without_pretrained
+
+    model = build(without_pretrained(run.config["model"]["student"]))
     model.load_state_dict(read_weights(run.checkpoint(checkpoint)))
     return model.eval()
 

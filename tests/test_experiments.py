@@ -1,0 +1,78 @@
+"""Every experiment builds offline with its own networks and runs its construction probe, so a preset whose
+network, term path or shape is wrong fails here, not on a cluster. Pretrained weights are off (nothing can
+be downloaded here); a teacher gets a state_dict of its own architecture, written by the test."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cwd_lightning.analysis.runs import build
+from cwd_lightning.cli import DistillCLI
+from cwd_lightning.models.pretrained import PRETRAINED_ARGUMENTS, without_pretrained
+from tests.conftest import REPO
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def _resolved(config: Path) -> dict:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        DistillCLI(args=["fit", "--config", str(config), "--print_config"])
+    return yaml.safe_load(printed.getvalue())
+
+
+def _offline(side: str, spec: dict) -> list[str]:
+    """No pretrained weights, and detectors at a small size (the probe only needs shapes to line up)."""
+    args = []
+    for key in PRETRAINED_ARGUMENTS:
+        if (spec.get("init_args") or {}).get(key) is not None:
+            args += [f"--model.{side}.init_args.{key}", "null"]
+    for key in ("min_size", "max_size"):
+        if (spec.get("init_args") or {}).get(key) is not None:
+            args += [f"--model.{side}.init_args.{key}", "128"]
+    return args
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda path: path.stem)
+def test_every_experiment_builds_offline(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    resolved = _resolved(config)
+    model = resolved["model"]
+    args = ["--config", str(config), "--runs_root", str(tmp_path / "runs"), "--trainer.logger", "false",
+            "--model.task.init_args.example_size", "64", *_offline("student", model["student"])]  # fmt: skip
+    if model.get("teacher"):
+        teacher = build(without_pretrained(model["teacher"]))
+        torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+        args += ["--model.teacher_checkpoint", str(tmp_path / "teacher.pt"), *_offline("teacher", model["teacher"])]
+    cli = DistillCLI(args=args, run=False)
+    terms = model.get("terms") or []
+    built = [] if cli.model.distiller is None else list(cli.model.distiller.iter_pairs())
+    assert sorted({pair.term_name for pair in built}) == sorted(term["name"] for term in terms)
+    assert (cli.model.teacher is None) == (not model.get("teacher"))
+
+
+def test_a_network_a_checkpoint_replaces_is_built_without_downloading_its_pretrained_weights(tmp_path, monkeypatch):
+    """The teacher of shapes_cwd asks for ImageNet weights, but a teacher_checkpoint replaces them: nothing is
+    fetched (offline this would fail), and the config still says what was written."""
+    from cwd_lightning.tasks.segmentation import build_segmentation_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.save(build_segmentation_model("Unet", "resnet18", 11, None).state_dict(), tmp_path / "teacher.pt")
+    cli = DistillCLI(args=["--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--runs_root", str(tmp_path),
+                           "--model.teacher.init_args.encoder_weights", "imagenet",
+                           "--model.teacher_checkpoint", str(tmp_path / "teacher.pt"), "--trainer.logger", "false"],
+                     run=False)  # fmt: skip
+    assert cli.model.teacher is not None
+    assert cli.config["model"]["teacher"]["init_args"]["encoder_weights"] == "imagenet"
