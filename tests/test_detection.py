@@ -166,6 +166,67 @@ def test_torchmetrics_map_agrees_with_cocoeval():
         assert ours[key].item() == pytest.approx(reference[index], abs=1e-3), key
 
 
+def test_coco_metrics_equal_cocoeval_on_the_original_file(tmp_path):
+    """Crowd regions, non-contiguous category ids, annotated areas unlike the boxes', images without
+    objects and zero-size boxes: the reader (evaluation mode) and the task give COCOeval's numbers."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from cwd_lightning.data.detection import detection_eval_transforms
+
+    generator = torch.Generator().manual_seed(0)
+    categories = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 11, "name": "c"}]
+    images, annotations = [], []
+    for image_id in range(1, 9):
+        _image(tmp_path / "images" / f"{image_id}.jpg", 200, 200)
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 200, "height": 200})
+        if image_id == 8:
+            continue  # an image without objects
+        for index in range(int(torch.randint(1, 6, (1,), generator=generator))):
+            side = float([12, 50, 120][index % 3] * (0.8 + 0.4 * torch.rand(1, generator=generator)))
+            x, y = (float(v) for v in torch.rand(2, generator=generator) * (200 - side))
+            box = [x, y, side, side * 0.8]
+            area = box[2] * box[3] * float(0.5 + 0.5 * torch.rand(1, generator=generator))  # a mask's area
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": box, "area": area,
+                                "category_id": categories[int(torch.randint(0, 3, (1,), generator=generator))]["id"],
+                                "iscrowd": 0})  # fmt: skip
+        if image_id % 3 == 0:  # a crowd region and a zero-width box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 5,
+                                "bbox": [100, 100, 90, 90], "area": 6000.0, "iscrowd": 1})  # fmt: skip
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 2,
+                                "bbox": [10, 10, 0, 20], "area": 0.0, "iscrowd": 0})  # fmt: skip
+    annotation_file = tmp_path / "instances_val.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    dataset = CocoDetection(tmp_path / "images", annotation_file, detection_eval_transforms(), evaluation=True)
+
+    detections, predictions, targets = [], [], []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        gt = target["boxes"].as_subclass(torch.Tensor)
+        boxes = torch.cat([gt + torch.randn(gt.shape, generator=generator) * 3,
+                           torch.tensor([[110.0, 110.0, 150.0, 150.0], [5.0, 150.0, 40.0, 190.0]])])  # fmt: skip
+        labels = torch.cat([target["labels"], torch.tensor([2, 3])])
+        scores = torch.rand(len(boxes), generator=generator)
+        predictions.append({"boxes": boxes, "scores": scores, "labels": labels})
+        targets.append({**target, "boxes": gt})
+        for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True):
+            detections.append({"image_id": target["image_id"], "category_id": dataset.category_id_of[label],
+                               "score": score, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})  # fmt: skip
+    task = DetectionTask(num_classes=3)
+    task.validation_step(lambda batch: predictions, ([None] * len(targets), targets))
+    ours = task.compute_metrics()
+
+    coco = COCO(str(annotation_file))
+    evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert 0.05 < evaluator.stats[0] < 0.95
+    for index, key in enumerate(["val/mAP", "val/mAP50", "val/mAP75", "val/mAP_small", "val/mAP_medium",
+                                 "val/mAP_large"]):  # fmt: skip
+        assert ours[key].item() == pytest.approx(evaluator.stats[index], abs=1e-4), key
+
+
 @pytest.mark.parametrize(
     ("arch", "backbone"),
     [("retinanet", "resnet18"), ("fcos", "resnet18"), ("fasterrcnn", "resnet18"), ("retinanet", "tu-resnet10t")],

@@ -1,8 +1,11 @@
 """Detection data: COCO json and Pascal VOC XML readers, box-aware transforms.v2, collate.
 
 Boxes are ``tv_tensors.BoundingBoxes`` (XYXY, 0-based pixels), labels 1..K (0 is the detectors'
-background). Degenerate boxes (zero width or height) are dropped with a warning that names the file,
-so bad annotations never crash training; images without objects are kept (negatives).
+background). For training, crowd regions and degenerate boxes (zero width or height) are dropped, the
+latter with a warning that names the file, so bad annotations never crash training. For evaluation
+(``evaluation=True``) every annotation is kept with its ``iscrowd`` flag and its annotated ``area``, so
+the COCO metrics equal pycocotools' ``COCOeval`` on the original file (crowd regions are ignore regions,
+areas decide small/medium/large). Images without objects are kept (negatives).
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import json
 import warnings
 from collections import defaultdict
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 from xml.etree import ElementTree as ET
@@ -26,15 +30,30 @@ from cwd_lightning.data.readers import read_image
 Target = dict[str, Any]
 
 
-def _sample(image_path: Path, boxes: list[list[float]], labels: list[int], image_id: int) -> tuple[Any, Target]:
-    image = read_image(image_path)
+@dataclass
+class Sample:
+    """One image's annotations; ``crowd`` and ``areas`` only for evaluation."""
+
+    path: Path
+    boxes: list[list[float]]
+    labels: list[int]
+    image_id: int
+    crowd: list[int] | None = None
+    areas: list[float] | None = None
+
+
+def _sample(sample: Sample) -> tuple[Any, Target]:
+    image = read_image(sample.path)
     height, width = image.shape[:2]
-    box_tensor = torch.tensor(boxes, dtype=torch.float32).reshape(-1, 4)
+    box_tensor = torch.tensor(sample.boxes, dtype=torch.float32).reshape(-1, 4)
     target = {
         "boxes": tv_tensors.BoundingBoxes(box_tensor, format="XYXY", canvas_size=(height, width)),
-        "labels": torch.tensor(labels, dtype=torch.int64),
-        "image_id": image_id,
+        "labels": torch.tensor(sample.labels, dtype=torch.int64),
+        "image_id": sample.image_id,
     }
+    if sample.crowd is not None:
+        target["iscrowd"] = torch.tensor(sample.crowd, dtype=torch.int64)
+        target["area"] = torch.tensor(sample.areas, dtype=torch.float32)
     return tv_tensors.Image(torch.from_numpy(image).permute(2, 0, 1).contiguous()), target
 
 
@@ -57,24 +76,30 @@ def _warn_dropped(dropped: list[str], source: Path) -> None:
 
 
 class _BoxDataset(Dataset):
-    """(image path, boxes, labels, image id) samples, read and transformed on access."""
+    """Samples read and transformed on access."""
 
-    samples: list[tuple[Path, list[list[float]], list[int], int]]
+    samples: list[Sample]
     transforms: Callable | None
 
     def __len__(self) -> int:
         return len(self.samples)
 
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        sample = _sample(*self.samples[index])
+        sample = _sample(self.samples[index])
         return self.transforms(*sample) if self.transforms else sample
 
 
 class CocoDetection(_BoxDataset):
-    """``instances_*.json`` + an image folder. Category ids map to labels 1..K in id order; crowd
-    annotations are skipped."""
+    """``instances_*.json`` + an image folder. Category ids map to labels 1..K in id order (``category_id_of``
+    maps them back); crowd annotations are skipped for training and kept as ignore regions for evaluation."""
 
-    def __init__(self, image_dir: str | Path, annotation_file: str | Path, transforms: Callable | None = None) -> None:
+    def __init__(
+        self,
+        image_dir: str | Path,
+        annotation_file: str | Path,
+        transforms: Callable | None = None,
+        evaluation: bool = False,
+    ) -> None:
         self.image_dir, self.annotation_file = Path(image_dir), Path(annotation_file)
         if not self.annotation_file.is_file():
             raise FileNotFoundError(f"COCO annotation file {self.annotation_file} not found")
@@ -88,25 +113,29 @@ class CocoDetection(_BoxDataset):
         categories = sorted(data["categories"], key=lambda c: c["id"])
         self.class_names = [c["name"] for c in categories]
         self.label_of = {c["id"]: index + 1 for index, c in enumerate(categories)}
+        self.category_id_of = {label: category for category, label in self.label_of.items()}
         by_image: dict[int, list[dict]] = defaultdict(list)
         for annotation in data["annotations"]:
             by_image[annotation["image_id"]].append(annotation)
         self.samples = []
         dropped: list[str] = []
         for image in sorted(data["images"], key=lambda i: i["id"]):
-            boxes, labels = [], []
+            sample = Sample(self.image_dir / image["file_name"], [], [], image["id"],
+                            [] if evaluation else None, [] if evaluation else None)  # fmt: skip
             for annotation in by_image[image["id"]]:
-                if annotation.get("iscrowd", 0):
-                    continue
-                x, y, w, h = annotation["bbox"]
                 if annotation["category_id"] not in self.label_of:
                     raise ValueError(f"{self.annotation_file}: annotation {annotation.get('id')} has unknown "
                                      f"category_id {annotation['category_id']}")  # fmt: skip
+                x, y, w, h = annotation["bbox"]
                 box = [x, y, x + w, y + h]
-                if _keep_box(box, image["file_name"], dropped):
-                    boxes.append(box)
-                    labels.append(self.label_of[annotation["category_id"]])
-            self.samples.append((self.image_dir / image["file_name"], boxes, labels, image["id"]))
+                if not evaluation and (annotation.get("iscrowd", 0) or not _keep_box(box, image["file_name"], dropped)):
+                    continue
+                sample.boxes.append(box)
+                sample.labels.append(self.label_of[annotation["category_id"]])
+                if evaluation:
+                    sample.crowd.append(int(annotation.get("iscrowd", 0)))
+                    sample.areas.append(float(annotation.get("area", w * h)))
+            self.samples.append(sample)
         _warn_dropped(dropped, self.annotation_file)
         self.transforms = transforms
 
@@ -150,7 +179,7 @@ class VocXmlDetection(_BoxDataset):
                 if _keep_box(box, xml_path.name, dropped):
                     boxes.append(box)
                     labels.append(label_of[label])
-            self.samples.append((self.root / "JPEGImages" / f"{name}.jpg", boxes, labels, len(self.samples)))
+            self.samples.append(Sample(self.root / "JPEGImages" / f"{name}.jpg", boxes, labels, len(self.samples)))
         _warn_dropped(dropped, self.root / "Annotations")
         self.transforms = transforms
 
@@ -159,7 +188,8 @@ def voc_to_coco(root: str | Path, split: str, class_names: list[str], out: str |
     """Write the VOC XML boxes of ``split`` as a COCO ``instances_<split>.json`` (images in JPEGImages/)."""
     dataset = VocXmlDetection(root, split, class_names, keep_difficult=True)
     images, annotations = [], []
-    for image_id, (path, boxes, labels, _) in enumerate(dataset.samples):
+    for image_id, sample in enumerate(dataset.samples):
+        path, boxes, labels = sample.path, sample.boxes, sample.labels
         with Image.open(path) as image:  # the header is enough for the size
             width, height = image.size
         images.append({"id": image_id, "file_name": path.name, "width": width, "height": height})

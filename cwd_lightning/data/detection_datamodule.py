@@ -65,16 +65,15 @@ class DetectionDataModule(L.LightningDataModule):
                 if not (self.root / "annotations" / f"instances_{split}.json").is_file():
                     voc_to_coco(self.root, split, SHAPES_CLASSES[1:])
 
-    def _dataset(self, split: str, transforms):
+    def _dataset(self, split: str, transforms, evaluation: bool = False):
         if not self.root.is_dir():
             raise FileNotFoundError(
                 f"dataset root {self.root} does not exist. {COCO_HINT if self.layout == 'coco' else ''}"
             )
         if self.layout == "voc":
             return VocXmlDetection(self.root, split, self.class_names, transforms)
-        dataset = CocoDetection(
-            self.root / (self.image_dir or split), self.root / "annotations" / f"instances_{split}.json", transforms
-        )
+        annotations = self.root / "annotations" / f"instances_{split}.json"
+        dataset = CocoDetection(self.root / (self.image_dir or split), annotations, transforms, evaluation=evaluation)
         if dataset.class_names != self.class_names:
             raise ValueError(f"data.class_names {self.class_names} differ from the categories of "
                              f"{dataset.annotation_file}: {dataset.class_names}")  # fmt: skip
@@ -83,7 +82,7 @@ class DetectionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
-        self.val_set = self._dataset(self.val_split, self.eval_tf)
+        self.val_set = self._dataset(self.val_split, self.eval_tf, evaluation=True)
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,

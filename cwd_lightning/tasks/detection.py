@@ -107,6 +107,13 @@ def build_detector(
     raise ValueError(f"unknown detector arch {arch!r}; choose retinanet, fcos or fasterrcnn")
 
 
+def _evaluation_target(target: dict[str, Tensor]) -> dict[str, Tensor]:
+    """Boxes and labels, and the crowd flags and annotated areas when the reader gives them (COCOeval uses
+    both: crowd regions are ignored, areas decide small/medium/large)."""
+    kept = {key: target[key] for key in ("boxes", "labels", "iscrowd", "area") if key in target}
+    return {**kept, "boxes": kept["boxes"].float()}
+
+
 class DetectionTask(Task):
     """The detector computes its own losses in train mode; validation runs it in eval mode and feeds
     the detections to torchmetrics' COCO mAP (pycocotools backend)."""
@@ -149,7 +156,7 @@ class DetectionTask(Task):
         detections = model(images)
         self.metric.update(
             [{k: d[k].float() if k != "labels" else d[k] for k in ("boxes", "scores", "labels")} for d in detections],
-            [{"boxes": t["boxes"].float(), "labels": t["labels"]} for t in targets],
+            [_evaluation_target(target) for target in targets],
         )
         return None, {}  # torchvision detectors give no loss in eval mode
 
