@@ -146,6 +146,10 @@ def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, 
     }))  # fmt: skip
     results, runs = tmp_path / "results", tmp_path / "runs"
     table = Table.load(table_file)
+    with pytest.raises(ValueError, match=r"no row\(s\) \['nope'\]"):
+        run_table(table, REPO / "experiments", runs, results, rows=["nope"])
+    run_table(table, REPO / "experiments", runs, results, seeds=[0], rows=["tau2"])  # a part of the table first
+    assert [p.relative_to(results).as_posix() for p in results.rglob("seed*.json")] == ["tiny/tau2/seed0.json"]
     report = run_table(table, REPO / "experiments", runs, results)
 
     files = sorted(p.relative_to(results).as_posix() for p in results.rglob("seed*.json"))

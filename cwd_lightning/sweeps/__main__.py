@@ -1,4 +1,4 @@
-"""``python -m cwd_lightning.sweeps experiments/tables/<name>.yaml [--jobs N] [--dry_run] [--markdown_only]``"""
+"""``python -m cwd_lightning.sweeps experiments/tables/<name>.yaml [--jobs N] [--seeds ...] [--rows ...] [--dry_run] [--markdown_only]``"""
 
 from __future__ import annotations
 
@@ -12,9 +12,9 @@ from cwd_lightning.sweeps.runner import run_table
 from cwd_lightning.sweeps.spec import Table
 
 
-def _seeds_from_environment() -> list[int] | None:
-    text = os.environ.get("SWEEP_SEEDS", "").strip()
-    return [int(seed) for seed in text.split()] if text else None
+def _from_environment(name: str, kind: type) -> list | None:
+    text = os.environ.get(name, "").strip()
+    return [kind(value) for value in text.split()] if text else None
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -26,8 +26,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--dry_run", action="store_true", help="list what would run; run and write nothing")
     parser.add_argument("--jobs", type=int, default=int(os.environ.get("SWEEP_JOBS", "1")),
                         help="runs side by side, each with cores/jobs threads (default 1, or $SWEEP_JOBS)")  # fmt: skip
-    parser.add_argument("--seeds", type=int, nargs="+", default=_seeds_from_environment(),
+    parser.add_argument("--seeds", type=int, nargs="+", default=_from_environment("SWEEP_SEEDS", int),
                         help="only these of the table's seeds (default all, or $SWEEP_SEEDS: '0 1')")  # fmt: skip
+    parser.add_argument("--rows", nargs="+", default=_from_environment("SWEEP_ROWS", str),
+                        help="only these rows, in the table's order (default all, or $SWEEP_ROWS: 'baseline cwd')")  # fmt: skip
     parser.add_argument("--markdown_only", action="store_true", help="rewrite the table from the result files")
     args = parser.parse_args(argv)
     table = Table.load(args.table)
@@ -35,7 +37,7 @@ def main(argv: list[str] | None = None) -> None:
         print(f"wrote {write_markdown(table, Path(args.results))}")
         return
     report = run_table(table, Path(args.experiments), Path(args.runs_root), Path(args.results), args.dry_run, args.jobs,
-                       args.seeds)  # fmt: skip
+                       args.seeds, args.rows)  # fmt: skip
     print(f"wrote {report}")
 
 

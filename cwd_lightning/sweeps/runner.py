@@ -129,10 +129,13 @@ def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool
 
 
 def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, dry_run: bool = False,
-              jobs: int = 1, seeds: list[int] | None = None) -> Path:  # fmt: skip
+              jobs: int = 1, seeds: list[int] | None = None, rows: list[str] | None = None) -> Path:  # fmt: skip
     """Run every (row, seed) without a current result, ``jobs`` at a time, seed-major (an interrupted sweep
-    has every row at its first seeds), only ``seeds`` if given. A failed run does not stop the others; all
+    has every row at its first seeds), only ``seeds`` and ``rows`` if given. A failed run does not stop the others; all
     failures are listed at the end. ``dry_run`` lists what would run and writes nothing."""
+    unknown = sorted(set(rows or []) - {row.name for row in table.rows})
+    if unknown:
+        raise ValueError(f"table {table.name!r} has no row(s) {unknown}; its rows: {[row.name for row in table.rows]}")
     texts = {row.name: resolved_config(row, table, experiments) for row in table.rows}
     resolved = {name: yaml.safe_load(text) for name, text in texts.items()}
     check_same_recipe(table, resolved)
@@ -140,7 +143,7 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
     teachers = {name: teacher_fingerprint(config) for name, config in resolved.items()}
     pending = []
     for seed in [seed for seed in table.seeds if seeds is None or seed in seeds]:
-        for row in table.rows:
+        for row in [row for row in table.rows if rows is None or row.name in rows]:
             digest, teacher = digests[row.name], teachers[row.name]
             path = results / table.name / row.name / f"seed{seed}.json"
             if current_result(path, digest, teacher, set_aside=not dry_run) is not None:
