@@ -1,13 +1,19 @@
 """Write a trained student alone: ``python -m cwd_lightning.export runs/<EXP> exports/<EXP>``.
 
-The export folder holds ``student.pt`` (state_dict), ``model.yaml`` (how to rebuild it: builder,
-arguments, classes, input normalisation) and, where ``torch.export`` can trace the model,
-``student.pt2``, which loads with plain PyTorch: ``torch.export.load(path).module()``.
+The export folder holds ``student.pt`` (state_dict) and ``model.yaml`` (how to rebuild it: builder,
+arguments, classes, input normalisation) for every student. A segmentation student is also written as
+``student.pt2`` (plain PyTorch: ``torch.export.load(path).module()``) and ``student.onnx``: normalised
+images ``(N, 3, H, W)`` in, logits ``(N, classes, H, W)`` out, for any batch size and any H, W that are
+multiples of the encoder's stride (``model.yaml: export.input_multiple``). Each file is checked against
+the PyTorch student on a batch of another size than the traced one before it is kept; the differences
+are recorded in ``model.yaml``. Detection students keep the state_dict (torchvision detectors resize
+and post-process inside the model, which ``torch.export`` does not trace as one graph).
 """
 
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from pathlib import Path
 
 import torch
@@ -16,7 +22,11 @@ from torch import nn
 
 from cwd_lightning.analysis.runs import build, load_run
 from cwd_lightning.analysis.runs import load_student as load_trained_student
+from cwd_lightning.models.portable import PortableSegmenter, input_stride, portable_segmenter
 from cwd_lightning.models.pretrained import without_pretrained
+
+#: an exported file is kept when |exported − PyTorch| ≤ ATOL + RTOL·|PyTorch| everywhere
+ATOL, RTOL = 1e-4, 1e-4
 
 
 def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "best") -> Path:
@@ -45,13 +55,69 @@ def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(student.state_dict(), out_dir / "student.pt")
     (out_dir / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
-    size = int(data_args.get("crop_size") or 64)
-    try:
-        program = torch.export.export(student, (torch.zeros(1, 3, size, size),))
-        torch.export.save(program, out_dir / "student.pt2")
-    except Exception as error:  # tracing support varies by architecture; the state_dict is the export
-        print(f"note: torch.export could not trace this student ({type(error).__name__}); wrote state_dict only")
+    if config["model"]["task"]["class_path"].endswith("SegmentationTask"):
+        meta["export"] = export_segmenter(student, out_dir)
+        (out_dir / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
+        failed = [name for name, check in meta["export"]["files"].items() if not check.get("kept")]
+        if failed:
+            raise RuntimeError(f"{out_dir}: {', '.join(failed)} not written, see model.yaml (export.files); "
+                               "student.pt and model.yaml are")  # fmt: skip
+    else:
+        print("note: a detection student is exported as its state_dict (student.pt) and model.yaml")
     return out_dir
+
+
+def export_segmenter(student: nn.Module, out_dir: Path) -> dict:
+    """``student.pt2`` and ``student.onnx`` with dynamic batch, height and width, traced on a batch of 2 at
+    4 strides and checked on a batch of 3 at 8 strides (a batch of 1 would fix the batch size)."""
+    model, stride = portable_segmenter(student), input_stride(student)
+    traced = torch.randn(2, 3, 4 * stride, 4 * stride, generator=torch.Generator().manual_seed(0))
+    check = torch.randn(3, 3, 8 * stride, 8 * stride, generator=torch.Generator().manual_seed(1))
+    with torch.no_grad():
+        expected = PortableSegmenter(student.eval())(check)  # the student as trained, torch's pooling
+    dims = {0: torch.export.Dim("batch", min=1, max=1024)}
+    dims |= {axis: stride * torch.export.Dim(name, min=1, max=8192 // stride) for axis, name in ((2, "h"), (3, "w"))}
+    report = {"input_multiple": stride, "checked_on": list(check.shape), "tolerance": {"atol": ATOL, "rtol": RTOL},
+              "files": {}}  # fmt: skip
+    try:
+        program = torch.export.export(model, (traced,), dynamic_shapes=(dims,))
+    except Exception as error:
+        error_text = f"torch.export: {type(error).__name__}: {error}"[:500]
+        report["files"]["student.pt2"] = {"kept": False, "error": error_text}
+        return report
+    with torch.no_grad():
+        report["files"]["student.pt2"] = _keep_if_close(program.module()(check), expected, out_dir / "student.pt2",
+                                                        lambda path: torch.export.save(program, path))  # fmt: skip
+    report["files"]["student.onnx"] = _export_onnx(program, traced, check, expected, out_dir / "student.onnx")
+    return report
+
+
+def _export_onnx(program, traced: torch.Tensor, check: torch.Tensor, expected: torch.Tensor, path: Path) -> dict:
+    try:
+        import onnxruntime
+    except ImportError:
+        return {"kept": False, "error": "onnx/onnxruntime are not installed: pip install -e '.[export]'"}
+    try:
+        onnx_program = torch.onnx.export(program, (traced,), dynamo=True, input_names=["images"],
+                                         output_names=["logits"], verbose=False)  # fmt: skip
+        temporary = path.with_suffix(".onnx.tmp")
+        onnx_program.save(str(temporary))
+        session = onnxruntime.InferenceSession(str(temporary), providers=["CPUExecutionProvider"])
+        output = torch.from_numpy(session.run(None, {"images": check.numpy()})[0])
+    except Exception as error:
+        return {"kept": False, "error": f"ONNX export: {type(error).__name__}: {error}"[:500]}
+    return _keep_if_close(output, expected, path, lambda final: temporary.replace(final), temporary)
+
+
+def _keep_if_close(output: torch.Tensor, expected: torch.Tensor, path: Path, write: Callable[[Path], object],
+                   temporary: Path | None = None) -> dict:  # fmt: skip
+    difference = float((output - expected).abs().max()) if output.shape == expected.shape else float("inf")
+    close = output.shape == expected.shape and bool(((output - expected).abs() <= ATOL + RTOL * expected.abs()).all())
+    if close:
+        write(path)
+    elif temporary is not None:
+        temporary.unlink(missing_ok=True)
+    return {"kept": close, "max_abs_difference": difference}
 
 
 def load_student(export_dir: str | Path) -> nn.Module:

@@ -11,6 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import onnxruntime
 import pytest
 import torch
 import yaml
@@ -114,10 +115,17 @@ def test_cwd_student_through_the_cli_and_export(cwd_run):
     student = load_student(out)
     expected = {k[len("student.") :]: v for k, v in checkpoint["state_dict"].items() if k.startswith("student.")}
     assert all(torch.equal(student.state_dict()[k], v) for k, v in expected.items())
-    if (out / "student.pt2").exists():  # plain-PyTorch program, no project code needed
+    # plain PyTorch and onnxruntime, no project code: a batch of 3 at twice the training size (32)
+    images = torch.randn(3, 3, 64, 64)
+    with torch.no_grad():
+        expected = torch.nn.functional.interpolate(student(images), size=(64, 64), mode="bilinear")
         program = torch.export.load(out / "student.pt2").module()
-        x = torch.randn(1, 3, 32, 32)
-        torch.testing.assert_close(program(x), student(x), rtol=1e-4, atol=1e-4)
+        assert (program(images) - expected).abs().max() <= 1e-4
+    session = onnxruntime.InferenceSession(str(out / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert (torch.from_numpy(session.run(None, {"images": images.numpy()})[0]) - expected).abs().max() <= 1e-4
+    meta = yaml.safe_load((out / "model.yaml").read_text())["export"]
+    assert meta["input_multiple"] == 8 and meta["checked_on"] == [3, 3, 64, 64]
+    assert all(check["kept"] and check["max_abs_difference"] <= 1e-4 for check in meta["files"].values())
     again = subprocess.run(export_cmd, cwd=work, capture_output=True, text=True)
     assert again.returncode != 0 and "nothing is overwritten" in again.stderr
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import pytest
 import torch
+from torch import nn
 
 from cwd_lightning.models.dilated import build_dilated_segmentor
 from cwd_lightning.tasks.segmentation import SegmentationTask
@@ -61,3 +62,26 @@ def test_the_auxiliary_loss_enters_with_its_weight_in_training_only():
         validation_loss, _ = task.validation_step(model, (images, masks))
     assert predicted.shape == (2, 64, 64)  # stride-8 logits upsampled before the argmax
     assert float(validation_loss) > 0 and "mIoU" in {k.split("/")[-1] for k in task.compute_metrics()}
+
+
+@pytest.mark.parametrize("bins", [1, 2, 3, 6, (2, 5)])
+def test_the_portable_pooling_equals_torch_adaptive_pooling_at_any_size(bins):
+    from cwd_lightning.models.portable import MatrixAdaptiveAvgPool2d
+
+    for height, width in [(8, 8), (13, 7), (100, 152)]:
+        x = torch.randn(2, 4, height, width, dtype=torch.float64)
+        torch.testing.assert_close(MatrixAdaptiveAvgPool2d(bins)(x), nn.AdaptiveAvgPool2d(bins)(x))
+
+
+def test_the_portable_segmenter_gives_main_logits_at_the_input_size_and_leaves_the_student_alone():
+    from cwd_lightning.models.portable import MatrixAdaptiveAvgPool2d, input_stride, portable_segmenter
+
+    student = build_dilated_segmentor(encoder_name="resnet18", num_classes=5, encoder_weights=None).eval()
+    portable = portable_segmenter(student)
+    assert input_stride(student) == 8
+    assert sum(isinstance(m, MatrixAdaptiveAvgPool2d) for m in portable.modules()) == 3  # bins 2, 3, 6
+    assert not any(isinstance(m, MatrixAdaptiveAvgPool2d) for m in student.modules())
+    images = torch.randn(2, 3, 40, 56)
+    with torch.no_grad():
+        expected = nn.functional.interpolate(student(images)["out"], size=(40, 56), mode="bilinear")
+        torch.testing.assert_close(portable(images), expected, atol=1e-5, rtol=1e-5)

@@ -1,4 +1,4 @@
-"""``python -m cwd_lightning.sweeps experiments/tables/<name>.yaml [--jobs N] [--seeds ...] [--rows ...] [--dry_run] [--markdown_only]``"""
+"""``python -m cwd_lightning.sweeps experiments/tables/<name>.yaml [--jobs N] [--seeds ..] [--rows ..] [--dry_run]``"""
 
 from __future__ import annotations
 
@@ -29,7 +29,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--seeds", type=int, nargs="+", default=_from_environment("SWEEP_SEEDS", int),
                         help="only these of the table's seeds (default all, or $SWEEP_SEEDS: '0 1')")  # fmt: skip
     parser.add_argument("--rows", nargs="+", default=_from_environment("SWEEP_ROWS", str),
-                        help="only these rows, in the table's order (default all, or $SWEEP_ROWS: 'baseline cwd')")  # fmt: skip
+                        help="only these rows (default all, or $SWEEP_ROWS: 'baseline cwd')")  # fmt: skip
     parser.add_argument("--markdown_only", action="store_true", help="rewrite the table from the result files")
     args = parser.parse_args(argv)
     table = Table.load(args.table)
