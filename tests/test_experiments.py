@@ -27,6 +27,10 @@ def _resolved(config: Path) -> dict:
     return yaml.safe_load(printed.getvalue())
 
 
+#: detectors are probed at 256 px: small, and P7 (stride 128) still 2×2, so every FPN level carries signal
+DETECTION_SIZE = "256"
+
+
 def _offline(side: str, spec: dict) -> list[str]:
     """No pretrained weights, and detectors at a small size (the probe only needs shapes to line up)."""
     args = []
@@ -35,7 +39,7 @@ def _offline(side: str, spec: dict) -> list[str]:
             args += [f"--model.{side}.init_args.{key}", "null"]
     for key in ("min_size", "max_size"):
         if (spec.get("init_args") or {}).get(key) is not None:
-            args += [f"--model.{side}.init_args.{key}", "128"]
+            args += [f"--model.{side}.init_args.{key}", DETECTION_SIZE]
     return args
 
 
@@ -50,8 +54,10 @@ def test_every_experiment_builds_offline(config, tmp_path, monkeypatch):
     monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
     resolved = _resolved(config)
     model = resolved["model"]
+    detection = model["task"]["class_path"].endswith("DetectionTask")
     args = ["--config", str(config), "--runs_root", str(tmp_path / "runs"), "--trainer.logger", "false",
-            "--model.task.init_args.example_size", "64", *_offline("student", model["student"])]  # fmt: skip
+            "--model.task.init_args.example_size", DETECTION_SIZE if detection else "64",
+            *_offline("student", model["student"])]  # fmt: skip
     if model.get("teacher"):
         teacher = build(without_pretrained(model["teacher"]))
         torch.save(teacher.state_dict(), tmp_path / "teacher.pt")

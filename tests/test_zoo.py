@@ -71,15 +71,16 @@ def test_a_torchvision_detector_teacher(tiny_shapes, tmp_path, monkeypatch):
     _detection_datamodule(tiny_shapes.parent / "det_shapes").prepare_data()  # the tiny data as COCO json
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     state = _fake_torchvision_weights(tmp_path / "torch", "fcos_resnet50_fpn")
+    # at 64 px P5 is 2×2 (at 32 px it is 1×1, where CWD is refused)
     cli = DistillCLI(args=[
         "--config", str(REPO / "experiments" / "shapes_det_cwd.yaml"), "--runs_root", str(tmp_path / "runs"),
-        "--model.teacher", _spec("torchvision_model", name="fcos_resnet50_fpn", min_size=32, max_size=32),
+        "--model.teacher", _spec("torchvision_model", name="fcos_resnet50_fpn", min_size=64, max_size=64),
         "--model.teacher_checkpoint", "null",
-        "--model.student.init_args.min_size", "32", "--model.student.init_args.max_size", "32",
+        "--model.student.init_args.min_size", "64", "--model.student.init_args.max_size", "64",
         "--trainer.max_steps", "2", "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
         "--data.init_args.root", str(tiny_shapes.parent / "det_shapes"), "--data.init_args.shapes", "null",
-        "--data.init_args.image_size", "32", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
-        "--model.task.init_args.example_size", "32", *_QUIET,
+        "--data.init_args.image_size", "64", "--data.init_args.batch_size", "2", "--data.init_args.num_workers", "0",
+        "--model.task.init_args.example_size", "64", *_QUIET,
     ], run=False)  # fmt: skip
     assert cli.model.teacher_fingerprint == fingerprint_state(state)
     logged = _fit(cli)

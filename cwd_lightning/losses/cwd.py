@@ -47,6 +47,13 @@ class ChannelWiseDivergence(nn.Module):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         check_maps(type(self).__name__, student, teacher)
+        normalised = student.shape[2] * student.shape[3] if self.normalize == "channel" else student.shape[1]
+        if normalised == 1:  # a softmax over one element is 1 for any input: the loss would be 0, silently
+            over = "1×1 map (positions)" if self.normalize == "channel" else "single channel"
+            raise ValueError(
+                f"a distribution over a {over} is constant, so this divergence is identically 0; "
+                "compare maps with more positions (larger images, or leave out the coarsest levels)"
+            )
         value = self.divergence_per_distribution(student, teacher).mean()
         return value if self.divergence == "mse" else value * self.tau**2
 

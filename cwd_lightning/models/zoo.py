@@ -14,6 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cwd_lightning.tasks.detection import keep_box_outputs_in_float32
+
 
 def torchvision_model(
     name: str,
@@ -25,8 +27,9 @@ def torchvision_model(
     """A torchvision model by name (``deeplabv3_resnet101``, ``fcn_resnet101``, ``retinanet_resnet50_fpn_v2``,
     ``fcos_resnet50_fpn``, …) with the pretrained ``weights`` (an enum member name or ``DEFAULT``; None for
     random init). Segmentation models keep their auxiliary head and return ``{"out", "aux"}``; a detector
-    resizes its images to ``min_size``/``max_size`` (torchvision's 800/1333 if unset). The weights file is read from
-    torch's hub cache (``$TORCH_HOME/hub/checkpoints``) and downloaded there on first use."""
+    resizes its images to ``min_size``/``max_size`` in evaluation (torchvision's 800/1333 if unset), keeps the
+    data pipeline's sizes in training, and computes anchors and its box/score outputs in fp32. The weights
+    file is read from torch's hub cache (``$TORCH_HOME/hub/checkpoints``) and downloaded there on first use."""
     from torchvision.models import detection, get_model, get_model_weights, list_models, segmentation
 
     kwargs: dict[str, Any] = {key: value for key, value in (("min_size", min_size), ("max_size", max_size))
@@ -39,9 +42,12 @@ def torchvision_model(
         )
     if name in dense:
         kwargs.setdefault("aux_loss", True)
+    else:
+        kwargs["_skip_resize"] = True  # as build_detector: training keeps the data pipeline's sizes
     kwargs.setdefault("weights_backbone", None)  # ImageNet backbone weights would only be overwritten
     if weights is None:
-        return get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
+        model = get_model(name, weights=None, **({"num_classes": num_classes} if num_classes else {}), **kwargs)
+        return model if name in dense else keep_box_outputs_in_float32(model)
     choices = get_model_weights(name)
     try:
         chosen = choices.DEFAULT if weights == "DEFAULT" else choices[weights]
@@ -55,7 +61,7 @@ def torchvision_model(
     model = get_model(name, weights=None, num_classes=categories, **kwargs)
     model.load_state_dict(torch.load(_cached(chosen.url), map_location="cpu", weights_only=True))
     model.pretrained_source = f"torchvision {name} {chosen}"
-    return model
+    return model if name in dense else keep_box_outputs_in_float32(model)
 
 
 def _cached(url: str) -> Path:
