@@ -17,7 +17,7 @@ from typing import Any
 
 import lightning as L
 import yaml
-from jsonargparse import Namespace
+from jsonargparse import Namespace, get_loader, set_loader
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
@@ -32,6 +32,25 @@ WANDB_PROJECT = "cwd_lightning"
 def experiment_group(experiment: str) -> str:
     """``shapes_cwd`` → ``shapes``: the runs that compare with each other share a W&B group."""
     return re.sub(r"_(teacher|student|cwd|distill)\w*$", "", experiment) or experiment
+
+
+#: a tapped path that selects a key of the model's own output: "[out]" (see distill/terms.py)
+_OUTPUT_SELECTOR = re.compile(r"\s*\[[A-Za-z_][\w-]*\]\s*")
+
+
+def _load_keeping_selectors(text: str) -> Any:
+    """jsonargparse's YAML loader, except that a value that is exactly ``[name]`` stays a string.
+
+    jsonargparse re-reads string values as YAML before trying a union such as ``str | list[str]`` (a term's
+    paths), so ``teacher: "[out]"``, quoted or not, became the list ``["out"]``: a module path ``out``. A
+    one-element list of names on the command line is written ``[name,]``."""
+    if isinstance(text, str) and _OUTPUT_SELECTOR.fullmatch(text):
+        return text.strip()
+    return _YAML_LOADER(text)
+
+
+_YAML_LOADER = get_loader("yaml")
+set_loader("yaml_paths", _load_keeping_selectors)
 
 
 class RunError(SystemExit):
@@ -73,7 +92,7 @@ class DistillCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"log_every_n_steps": 10},
             seed_everything_default=0,
-            parser_kwargs={"parser_mode": "yaml"},
+            parser_kwargs={"parser_mode": "yaml_paths"},  # YAML, with "[out]" kept a path
             # model.optimizer is the one route: a top-level --optimizer/--lr_scheduler is refused by the
             # parser instead of silently replacing the module's optimiser and schedule
             auto_configure_optimizers=False,
@@ -279,7 +298,7 @@ def apply_term_overrides(terms: list[Any] | None, overrides: list[tuple[str, str
         if key not in term:
             fields = sorted(term.keys())
             raise RunError(f"--model.terms.{selector}.{key}: term {term['name']!r} has no {key!r}; it has {fields}")
-        value, current = yaml.safe_load(text), term[key]
+        value, current = _load_keeping_selectors(text), term[key]
         numbers = (int, float)
         if isinstance(current, numbers) and not isinstance(current, bool) and not isinstance(value, numbers):
             raise RunError(f"--model.terms.{selector}.{key}: {text!r} is not a number (it is {current} now)")

@@ -92,9 +92,12 @@ def test_every_student_parameter_receives_a_gradient():
     assert [n for n, p in student.named_parameters() if p.grad is None] == []
 
 
-def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path):
+def test_missing_teacher_checkpoint_is_a_clear_error(tmp_path, monkeypatch):
     with pytest.raises(FileNotFoundError, match=r"teacher checkpoint '.*nope.ckpt' not found.*make train"):
         _module(tmp_path / "nope.ckpt")
+    monkeypatch.chdir(tmp_path)  # a relative path: the error names the base it was read from
+    with pytest.raises(FileNotFoundError, match=rf"read from the working directory: {tmp_path}/runs/t/best.ckpt"):
+        _module("runs/t/best.ckpt")
 
 
 def test_teacher_checkpoint_of_another_architecture_lists_keys(tmp_path):

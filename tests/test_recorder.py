@@ -50,6 +50,8 @@ def test_bad_path_names_the_side_and_close_matches():
         ForwardRecorder(net, ["decoder.blok"], side="student")
     with pytest.raises(ValueError, match=r"in teacher.*top-level modules: 'decoder', 'decoder_block'"):
         ForwardRecorder(net, ["zzz"], side="teacher")
+    with pytest.raises(ValueError, match=r"no module 'out'.*write the path \"\[out\]\", quoted in YAML"):
+        ForwardRecorder(net, ["out"], side="teacher")  # an unquoted [out] in YAML is the list ['out']
 
 
 def test_unused_module_gives_a_clear_error():

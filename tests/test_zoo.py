@@ -128,3 +128,25 @@ def test_a_teacher_without_weights_is_still_refused(tiny_shapes, tmp_path):
         config = str(REPO / "experiments" / "shapes_cwd.yaml")
         args = ["--config", config, "--runs_root", str(tmp_path), "--model.teacher_checkpoint", "null"]
         DistillCLI(args=[*args, *tiny_overrides(tiny_shapes, 2), *_QUIET], run=False)
+
+
+@pytest.mark.parametrize("written_in", ["yaml", "command line"])
+def test_the_output_selector_is_a_path_not_a_yaml_list(written_in, tiny_shapes, tmp_path, monkeypatch):
+    """``teacher: "[out]"`` taps the key ``out`` of the teacher's own output (a dict for torchvision)."""
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    _fake_torchvision_weights(tmp_path / "torch", "deeplabv3_mobilenet_v3_large", aux_loss=True)
+    override = tmp_path / "term.yaml"
+    loss = "{class_path: cwd_lightning.losses.ChannelWiseDivergence}"
+    override.write_text('model:\n  terms:\n    - {name: cwd_logits, student: segmentation_head, teacher: "[out]", '
+                        f"loss: {loss}, connector: conv}}\n")  # fmt: skip
+    where = ["--config", str(override)] if written_in == "yaml" else ["--model.terms.0.teacher", "[out]",
+                                                                     "--model.terms.0.connector", "conv"]  # fmt: skip
+    cli = DistillCLI(args=[
+        "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), *where, "--runs_root", str(tmp_path / "runs"),
+        "--model.teacher", _spec("torchvision_model", name="deeplabv3_mobilenet_v3_large"),
+        "--model.teacher_checkpoint", "null", *tiny_overrides(tiny_shapes, 2), *_QUIET,
+    ], run=False)  # fmt: skip
+    (pair,) = cli.model.distiller.pairs["cwd_logits"]
+    assert pair.teacher_path == "[out]"
+    logged = _fit(cli)
+    assert torch.isfinite(logged["train/distill/cwd_logits"]) and float(logged["train/distill/cwd_logits"]) > 0

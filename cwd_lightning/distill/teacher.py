@@ -16,8 +16,11 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
     """Model weights from a Lightning ``.ckpt`` of a run of this project or a plain state_dict file."""
     path = Path(path)
     if not path.is_file():
+        # unlike the YAML's includes (read from the including file's folder), checkpoint paths are read from
+        # the working directory, as Lightning's ckpt_path: say so, with the absolute path tried
+        base = "" if path.is_absolute() else f" (a relative path is read from the working directory: {path.absolute()})"
         raise FileNotFoundError(
-            f"teacher checkpoint {str(path)!r} not found. Train the teacher first "
+            f"teacher checkpoint {str(path)!r} not found{base}. Train the teacher first "
             "(e.g. `make train EXP=shapes_teacher`) or point model.teacher_checkpoint at a state_dict file."
         )
     try:
