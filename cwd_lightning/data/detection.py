@@ -6,6 +6,11 @@ latter with a warning that names the file, so bad annotations never crash traini
 (``evaluation=True``) every annotation is kept with its ``iscrowd`` flag and its annotated ``area``, so
 the COCO metrics equal pycocotools' ``COCOeval`` on the original file (crowd regions are ignore regions,
 areas decide small/medium/large). Images without objects are kept (negatives).
+
+Why not torchvision's ``CocoDetection`` + ``wrap_dataset_for_transforms_v2``: its targets carry the raw
+category ids as labels (torchvision's detectors need 1..K), crowd regions as ordinary boxes and
+degenerate boxes as they are, so the same filtering and mapping would follow it anyway; the reader
+here shares one sample path with the VOC XML reader and names the file and annotation at fault.
 """
 
 from __future__ import annotations
