@@ -16,7 +16,6 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
-import yaml
 from jsonargparse import Namespace, get_loader, set_loader
 from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
@@ -124,6 +123,13 @@ class DistillCLI(LightningCLI):
                 target = self._subcommand_parsers[subcommand] if subcommand else parser
                 print(target.dump(config, skip_none=False), end="")
                 raise SystemExit(0)
+
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges a checkpoint's saved hyperparameters into the config when ``ckpt_path`` is a
+        file; with ours (``teacher_fingerprint`` is not an ``__init__`` argument) that failed as "'fit' does
+        not accept option 'model.teacher_fingerprint'", and it would let a checkpoint silently override the
+        experiment's YAML. The config decides here; the checkpoint restores the state, and the teacher's
+        fingerprint is checked against it when it loads."""
 
     # ---------------------------------------------------------------- run folder
     def before_instantiate_classes(self) -> None:

@@ -91,6 +91,25 @@ def test_refuses_to_overwrite_a_run_and_resumes_from_last(teacher_run):
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{(run_dir / 'wandb_id').read_text().strip()}"))) >= 1
 
 
+def test_a_distilled_run_resumes_and_validates_from_an_explicit_checkpoint_path(cwd_run, tmp_path):
+    """Lightning's merge of a checkpoint's hyperparameters refused ours ('fit' does not accept option
+    'model.teacher_fingerprint') whenever ckpt_path was a path rather than 'last'."""
+    import shutil
+
+    work, run_dir = cwd_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    validated = run_cli("validate", "--config", str(copy / "config.yaml"), "--runs_root", str(tmp_path / "runs"),
+                        "--ckpt_path", str(copy / "best.ckpt"), cwd=work)  # fmt: skip
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "val/mIoU" in validated.stdout
+    # the run is finished (its one-cycle schedule ends at step 2): the resume restores it and stops
+    resumed = run_cli("fit", "--config", str(copy / "config.yaml"), "--runs_root", str(tmp_path / "runs"),
+                      "--ckpt_path", str(copy / "last.ckpt"), cwd=work)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert torch.load(copy / "last.ckpt", weights_only=True)["global_step"] == 2
+
+
 def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
     result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
                   str(tmp_path / "runs"), "--ckpt_path", "last", cwd=tmp_path)  # fmt: skip
