@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cwd_lightning.safe_load import load_weights_only
+
 # A teacher run of this project trains its network as the "student" of a DistillationModule.
 _LIGHTNING_PREFIX = "student."
 
@@ -23,10 +25,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
             f"teacher checkpoint {str(path)!r} not found{base}. Train the teacher first "
             "(e.g. `make train EXP=shapes_teacher`) or point model.teacher_checkpoint at a state_dict file."
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors and corrupt files come in many types
-        raise ValueError(f"cannot read teacher checkpoint {str(path)!r}: {error}") from error
+    payload = load_weights_only(path, "teacher checkpoint")
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         state = payload["state_dict"]
         if any(key.startswith(_LIGHTNING_PREFIX) for key in state):
