@@ -22,8 +22,10 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from cwd_lightning.csv_log import AppendingCSVLogger
+from cwd_lightning.distill import teacher as teacher_utils
 from cwd_lightning.distill.module import DistillationModule
 from cwd_lightning.models.pretrained import PRETRAINED_ARGUMENTS
+from cwd_lightning.safe_load import load_weights_only
 
 WANDB_PROJECT = "cwd_lightning"
 
@@ -238,6 +240,20 @@ class DistillCLI(LightningCLI):
             tags=[role, *methods] if methods else [role, "baseline" if role == "student" else role],
         )
         return [wandb_logger, AppendingCSVLogger(str(self.run_dir))]
+
+    def before_fit(self) -> None:
+        """Every check of a resume runs here, before the run record (config, hparams, metrics, W&B) is
+        touched: a refused resume leaves the folder as it was, so the right resume still works."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if not ckpt_path:
+            return
+        others = sorted(str(p) for p in self.run_dir.glob("*.ckpt") if str(p) != ckpt_path)
+        way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one of them>)" if others else ""
+        try:
+            checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
+            teacher_utils.check_fingerprint(checkpoint, self.model.teacher_fingerprint)
+        except ValueError as error:
+            raise RunError(f"{error}{way_out}. Nothing in {self.run_dir} was changed.") from None
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback  # the first ModelCheckpoint: best by the task metric

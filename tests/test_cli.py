@@ -110,6 +110,30 @@ def test_a_distilled_run_resumes_and_validates_from_an_explicit_checkpoint_path(
     assert torch.load(copy / "last.ckpt", weights_only=True)["global_step"] == 2
 
 
+def test_a_refused_resume_changes_nothing_in_the_run_folder(cwd_run, tmp_path):
+    import shutil
+
+    work, run_dir = cwd_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    record = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    other_teacher = tmp_path / "other_teacher.pt"
+    state = torch.load(config["model"]["teacher_checkpoint"], weights_only=True)["state_dict"]
+    torch.save({k[len("student."):]: v + 1 if v.is_floating_point() else v for k, v in state.items()
+                if k.startswith("student.")}, other_teacher)  # fmt: skip
+    common = ["fit", "--config", str(copy / "config.yaml"), "--runs_root", str(tmp_path / "runs")]
+    wrong = run_cli(*common, "--ckpt_path", "last", "--model.teacher_checkpoint", str(other_teacher), cwd=work)
+    assert wrong.returncode != 0 and "the teacher does not match" in wrong.stderr
+    assert "Nothing in" in wrong.stderr and "was changed" in wrong.stderr
+    (copy / "last.ckpt").write_bytes(record["last.ckpt"][: len(record["last.ckpt"]) // 2])  # a crash mid-write
+    record["last.ckpt"] = (copy / "last.ckpt").read_bytes()
+    damaged = run_cli(*common, "--ckpt_path", "last", cwd=work)
+    assert damaged.returncode != 0 and f"{copy / 'last.ckpt'}' is not a readable PyTorch checkpoint" in damaged.stderr
+    assert f"other checkpoints of this run: {copy / 'best.ckpt'}" in damaged.stderr
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == record  # config, hparams, metrics
+
+
 def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
     result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
                   str(tmp_path / "runs"), "--ckpt_path", "last", cwd=tmp_path)  # fmt: skip

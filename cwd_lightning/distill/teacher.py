@@ -83,15 +83,20 @@ def strip_from_checkpoint(checkpoint: dict, prefix: str = "teacher.") -> None:
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)}
 
 
-def restore_into_checkpoint(checkpoint: dict, teacher: nn.Module | None, expected: str | None,
-                            prefix: str = "teacher.") -> None:  # fmt: skip
-    """Before a checkpoint is loaded: the configured teacher must be the one it was trained with (by
-    fingerprint), and its weights go back into the state_dict so the load stays strict."""
+def check_fingerprint(checkpoint: dict, expected: str | None) -> None:
+    """The configured teacher must be the one the checkpoint was trained with."""
     saved = checkpoint.get("hyper_parameters", {}).get("teacher_fingerprint")
     if saved != expected:
         raise ValueError(
             "the teacher does not match the one this checkpoint was trained with: fingerprint "
             f"{expected} now, {saved} in the checkpoint (check model.teacher_checkpoint)"
         )
+
+
+def restore_into_checkpoint(checkpoint: dict, teacher: nn.Module | None, expected: str | None,
+                            prefix: str = "teacher.") -> None:  # fmt: skip
+    """Before a checkpoint is loaded: the configured teacher must be the one it was trained with (by
+    fingerprint), and its weights go back into the state_dict so the load stays strict."""
+    check_fingerprint(checkpoint, expected)
     if teacher is not None:
         checkpoint["state_dict"].update({f"{prefix}{k}": v for k, v in teacher.state_dict().items()})
