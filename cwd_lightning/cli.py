@@ -70,9 +70,42 @@ class SaveAndLogConfig(SaveConfigCallback):
             logger.log_hyperparams({"config": config})
 
 
-class LastCheckpoint(ModelCheckpoint):
+class RunFolderCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose state survives a moved run folder. Lightning drops the best score when
+    the saved ``dirpath`` differs from the current one, so after a move the next validation, however
+    worse, replaced ``best.ckpt``; here the saved paths are re-read inside the current folder instead."""
+
+    #: the name in the checkpoint's callback state key, as before this class existed, so older runs resume
+    #: with their best score and the sweeps find the best checkpoint's state under "ModelCheckpoint"
+    state_name = "ModelCheckpoint"
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, self.state_name, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and Path(saved) != Path(self.dirpath):
+
+            def moved(path: str) -> str:
+                return str(Path(self.dirpath) / Path(path).name) if path else path
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path", "")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path", "")),
+                "last_model_path": moved(state_dict.get("last_model_path", "")),
+                "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+
+class LastCheckpoint(RunFolderCheckpoint):
     """``last.ckpt`` after every validation and at the end of training, whether or not the monitored
     metric improved (Lightning's ``save_last`` only refreshes it when a best checkpoint is written)."""
+
+    state_name = "LastCheckpoint"
 
     def __init__(self, dirpath: Path) -> None:
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
@@ -198,7 +231,7 @@ class DistillCLI(LightningCLI):
         trainer_config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
         if self.subcommand == "fit":
             callbacks = [
-                ModelCheckpoint(
+                RunFolderCheckpoint(
                     dirpath=self.run_dir,
                     filename="best",
                     monitor=self.model.task.monitor,
