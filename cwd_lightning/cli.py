@@ -220,6 +220,13 @@ class DistillCLI(LightningCLI):
                     f"Continue it with `make resume EXP={self.run_dir.name}`, "
                     "or move that folder away to start again."
                 )
+            held = sorted(p.name for p in self.run_dir.iterdir()) if self.run_dir.is_dir() else []
+            if held:  # e.g. best.ckpt without last.ckpt, or another run's metrics.csv: a fit would mix them
+                listed = ", ".join(held[:6]) + (f" (+{len(held) - 6} more)" if len(held) > 6 else "")
+                raise RunError(
+                    f"{self.run_dir} is not empty ({listed}) and nothing saved is overwritten or mixed into "
+                    "a new run: move that folder away, or name another run folder with --experiment <name>"
+                )
             return None
         path = last if ckpt_path == "last" else Path(ckpt_path)
         if not path.is_file():

@@ -267,3 +267,15 @@ def test_a_moved_run_folder_keeps_its_best_score(tmp_path):
     assert new.best_model_path == str(tmp_path / "new" / "best.ckpt")
     assert list(new.best_k_models) == [str(tmp_path / "new" / "best.ckpt")]
     assert old.state_key.startswith("ModelCheckpoint{")  # older runs' state loads, sweeps find it
+
+
+def test_a_fresh_fit_refuses_a_folder_holding_another_runs_files(tmp_path):
+    folder = tmp_path / "runs" / "shapes_student"
+    folder.mkdir(parents=True)
+    (folder / "best.ckpt").write_bytes(b"another run's model")  # no last.ckpt: the old guard let this through
+    (folder / "metrics.csv").write_text("step,val/mIoU\n3,0.5\n")
+    result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
+                     str(tmp_path / "runs"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0 and "is not empty (best.ckpt, metrics.csv)" in result.stderr
+    assert (folder / "best.ckpt").read_bytes() == b"another run's model"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "metrics.csv"]
