@@ -114,11 +114,16 @@ def _keep_if_close(output: torch.Tensor, expected: torch.Tensor, path: Path, wri
                    temporary: Path | None = None) -> dict:  # fmt: skip
     difference = float((output - expected).abs().max()) if output.shape == expected.shape else float("inf")
     close = output.shape == expected.shape and bool(((output - expected).abs() <= ATOL + RTOL * expected.abs()).all())
+    report: dict = {"kept": close, "max_abs_difference": difference}
     if close:
-        write(path)
-    elif temporary is not None:
+        try:
+            write(path)
+        except Exception as error:  # a half-written file is worse than none
+            path.unlink(missing_ok=True)
+            report = {**report, "kept": False, "error": f"writing {path.name}: {type(error).__name__}: {error}"[:500]}
+    if temporary is not None:
         temporary.unlink(missing_ok=True)
-    return {"kept": close, "max_abs_difference": difference}
+    return report
 
 
 def load_student(export_dir: str | Path) -> nn.Module:
