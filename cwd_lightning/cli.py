@@ -207,6 +207,10 @@ class DistillCLI(LightningCLI):
             init_args[key] = None
         try:
             super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:  # a bad setting or a missing file: one line, no traceback
+            if os.environ.get("CWD_LIGHTNING_TRACEBACK"):
+                raise
+            raise RunError(f"{error} (CWD_LIGHTNING_TRACEBACK=1 shows where)") from None
         finally:
             for init_args, key, value in changed:
                 init_args[key] = value
