@@ -215,6 +215,18 @@ class DistillCLI(LightningCLI):
             for init_args, key, value in changed:
                 init_args[key] = value
 
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        data = getattr(self, "datamodule", None)
+        classes = getattr(data, "num_classes", None)
+        if classes is None and getattr(data, "class_names", None) is not None:
+            classes = len(data.class_names)
+        task_classes = getattr(self.model.task, "num_classes", None)
+        if classes is not None and task_classes is not None and classes != task_classes:
+            # else a mask value the task does not know is reported as a bad mask, or classes go unused
+            raise RunError(f"data has {classes} classes (data.init_args.num_classes / class_names) but the "
+                           f"task has {task_classes} (model.task.init_args.num_classes): make them agree")  # fmt: skip
+
     def _fit_checkpoint(self, ckpt_path: str | None) -> str | None:
         last = self.run_dir / "last.ckpt"
         if ckpt_path is None:
@@ -262,13 +274,11 @@ class DistillCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self) -> list[Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         id_file = self.run_dir / "wandb_id"
         if self.config[self.subcommand].ckpt_path and id_file.is_file():
             run_id = id_file.read_text().strip()
-        else:
-            run_id = uuid.uuid4().hex[:12]
-            id_file.write_text(run_id + "\n")
+        else:  # written by before_fit, once every check has passed
+            run_id = self._new_wandb_id = uuid.uuid4().hex[:12]
         experiment = self.run_dir.name
         role = "distill" if self.model.terms else ("teacher" if "teacher" in experiment else "student")
         methods = sorted({type(term.loss).__name__ for term in self.model.terms})
@@ -287,17 +297,20 @@ class DistillCLI(LightningCLI):
 
     def before_fit(self) -> None:
         """Every check of a resume runs here, before the run record (config, hparams, metrics, W&B) is
-        touched: a refused resume leaves the folder as it was, so the right resume still works."""
+        touched: a refused resume leaves the folder as it was, so the right resume still works. Only then
+        does a fresh run's folder start (its W&B id)."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if not ckpt_path:
-            return
-        others = sorted(str(p) for p in self.run_dir.glob("*.ckpt") if str(p) != ckpt_path)
-        way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one of them>)" if others else ""
-        try:
-            checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
-            teacher_utils.check_fingerprint(checkpoint, self.model.teacher_fingerprint)
-        except ValueError as error:
-            raise RunError(f"{error}{way_out}. Nothing in {self.run_dir} was changed.") from None
+        if ckpt_path:
+            others = sorted(str(p) for p in self.run_dir.glob("*.ckpt") if str(p) != ckpt_path)
+            way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one>)" if others else ""
+            try:
+                checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
+                teacher_utils.check_fingerprint(checkpoint, self.model.teacher_fingerprint)
+            except ValueError as error:
+                raise RunError(f"{error}{way_out}. Nothing in {self.run_dir} was changed.") from None
+        if getattr(self, "_new_wandb_id", None):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "wandb_id").write_text(self._new_wandb_id + "\n")
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback  # the first ModelCheckpoint: best by the task metric

@@ -279,3 +279,11 @@ def test_a_fresh_fit_refuses_a_folder_holding_another_runs_files(tmp_path):
     assert result.returncode != 0 and "is not empty (best.ckpt, metrics.csv)" in result.stderr
     assert (folder / "best.ckpt").read_bytes() == b"another run's model"
     assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "metrics.csv"]
+
+
+def test_data_and_task_class_counts_must_agree(tmp_path):
+    result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
+                     str(tmp_path / "runs"), "--data.init_args.num_classes", "12", cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "data has 12 classes (data.init_args.num_classes / class_names) but the task has 11" in result.stderr
+    assert not (tmp_path / "runs" / "shapes_student").exists()  # refused before anything was written
