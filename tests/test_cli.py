@@ -287,3 +287,14 @@ def test_data_and_task_class_counts_must_agree(tmp_path):
     assert result.returncode != 0
     assert "data has 12 classes (data.init_args.num_classes / class_names) but the task has 11" in result.stderr
     assert not (tmp_path / "runs" / "shapes_student").exists()  # refused before anything was written
+
+
+def test_make_train_passes_args_to_the_asked_experiment_only():
+    """The teacher that `make train EXP=<student>` trains first is its own experiment as written."""
+    printed = subprocess.run(["make", "-n", "-B", "-C", str(REPO), "train", "EXP=shapes_cwd",
+                              "ARGS=--trainer.max_steps 5", "TEACHER_CKPT=runs/shapes_teacher/best.ckpt"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    teacher = [line for line in printed.splitlines() if "experiments/shapes_teacher.yaml" in line]
+    student = [line for line in printed.splitlines() if "experiments/shapes_cwd.yaml" in line]
+    assert len(teacher) == 1 and "--trainer.max_steps" not in teacher[0]
+    assert len(student) == 1 and student[0].endswith("--trainer.max_steps 5")
