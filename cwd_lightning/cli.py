@@ -308,6 +308,14 @@ class DistillCLI(LightningCLI):
                 teacher_utils.check_fingerprint(checkpoint, self.model.teacher_fingerprint)
             except ValueError as error:
                 raise RunError(f"{error}{way_out}. Nothing in {self.run_dir} was changed.") from None
+            step, max_steps = int(checkpoint.get("global_step", 0)), self.trainer.max_steps
+            if 0 < max_steps <= step:  # Lightning would restore it, do nothing, and still rewrite the record
+                raise RunError(
+                    f"{ckpt_path} is at step {step}: the run already finished (trainer.max_steps = {max_steps}); "
+                    f"nothing was changed in {self.run_dir}. To train longer, start a new run with a longer "
+                    "schedule (--experiment <new name>); a larger --trainer.max_steps here would continue past the "
+                    "end of its learning-rate schedule."
+                )
         if getattr(self, "_new_wandb_id", None):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "wandb_id").write_text(self._new_wandb_id + "\n")
