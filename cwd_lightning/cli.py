@@ -115,6 +115,17 @@ class LastCheckpoint(RunFolderCheckpoint):
             self._save_checkpoint(trainer, self.format_checkpoint_name({}))
             self._last_global_step_saved = trainer.global_step
 
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """The previous ``last.ckpt`` becomes ``last.prev.ckpt`` first: a crash while writing the new one
+        leaves a checkpoint to resume from (``--ckpt_path runs/<EXP>/last.prev.ckpt``)."""
+        path = Path(filepath)
+        if trainer.is_global_zero and path.is_file():
+            path.replace(path.with_name(PREVIOUS_LAST))
+        super()._save_checkpoint(trainer, filepath)
+
+
+PREVIOUS_LAST = "last.prev.ckpt"
+
 
 class DistillCLI(LightningCLI):
     def __init__(self, args: list[str] | None = None, run: bool = True) -> None:
@@ -246,7 +257,9 @@ class DistillCLI(LightningCLI):
             return None
         path = last if ckpt_path == "last" else Path(ckpt_path)
         if not path.is_file():
-            raise RunError(f"nothing to resume: checkpoint {path} does not exist")
+            others = sorted(str(p) for p in self.run_dir.glob("*.ckpt"))
+            hint = f"; this run has {', '.join(others)} (--ckpt_path <one>)" if others else ""
+            raise RunError(f"nothing to resume: checkpoint {path} does not exist{hint}")
         return str(path)
 
     # ---------------------------------------------------------------- loggers and checkpoints

@@ -60,6 +60,9 @@ def test_fit_writes_the_run_folder_with_logged_metrics(teacher_run):
     _, run_dir, _, result = teacher_run
     for name in ("last.ckpt", "best.ckpt", "config.yaml", "metrics.csv", "wandb_id"):
         assert (run_dir / name).is_file(), name
+    # the checkpoint before the last is kept: a crash while writing last.ckpt leaves one to resume from
+    assert torch.load(run_dir / "last.prev.ckpt", weights_only=True)["global_step"] == 2
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == 4
     rows = _metrics(run_dir)
     assert len(_column(rows, "train/loss_task")) == 4
     assert all(v > 0 for v in _column(rows, "train/loss_task"))
