@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXP ?= shapes_cwd
 ARGS ?=
+TEACHER_ARGS ?=
 CKPT ?= best
 STAMP := $(VENV)/.installed
 export WANDB_MODE ?= offline
@@ -33,8 +34,10 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP) $(TEACHER_CKPT) ## Train EXP (teacher first if its checkpoint is missing); ARGS are passed to the CLI
 	$(PY) -m cwd_lightning fit --config experiments/$(EXP).yaml $(ARGS)
 
+# the teacher a student needs is trained with its own experiment as written: ARGS belong to EXP only
+# (a shortened schedule or a --model.terms override must not reach the teacher); TEACHER_ARGS reach it
 runs/%/best.ckpt: | $(STAMP)
-	$(PY) -m cwd_lightning fit --config experiments/$*.yaml $(ARGS)
+	$(PY) -m cwd_lightning fit --config experiments/$*.yaml $(TEACHER_ARGS)
 
 resume: $(STAMP) ## Continue runs/EXP from its last.ckpt (same folder, config and W&B run id)
 	@test -f runs/$(EXP)/last.ckpt || { echo "error: nothing to resume: runs/$(EXP)/last.ckpt does not exist" >&2; exit 2; }

@@ -22,8 +22,10 @@ from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
 from cwd_lightning.csv_log import AppendingCSVLogger
+from cwd_lightning.distill import teacher as teacher_utils
 from cwd_lightning.distill.module import DistillationModule
 from cwd_lightning.models.pretrained import PRETRAINED_ARGUMENTS
+from cwd_lightning.safe_load import load_weights_only
 
 WANDB_PROJECT = "cwd_lightning"
 
@@ -68,9 +70,42 @@ class SaveAndLogConfig(SaveConfigCallback):
             logger.log_hyperparams({"config": config})
 
 
-class LastCheckpoint(ModelCheckpoint):
+class RunFolderCheckpoint(ModelCheckpoint):
+    """A ``ModelCheckpoint`` whose state survives a moved run folder. Lightning drops the best score when
+    the saved ``dirpath`` differs from the current one, so after a move the next validation, however
+    worse, replaced ``best.ckpt``; here the saved paths are re-read inside the current folder instead."""
+
+    #: the name in the checkpoint's callback state key, as before this class existed, so older runs resume
+    #: with their best score and the sweeps find the best checkpoint's state under "ModelCheckpoint"
+    state_name = "ModelCheckpoint"
+
+    @property
+    def state_key(self) -> str:
+        return super().state_key.replace(type(self).__qualname__, self.state_name, 1)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        saved = state_dict.get("dirpath")
+        if saved and self.dirpath and Path(saved) != Path(self.dirpath):
+
+            def moved(path: str) -> str:
+                return str(Path(self.dirpath) / Path(path).name) if path else path
+
+            state_dict = {
+                **state_dict,
+                "dirpath": self.dirpath,
+                "best_model_path": moved(state_dict.get("best_model_path", "")),
+                "kth_best_model_path": moved(state_dict.get("kth_best_model_path", "")),
+                "last_model_path": moved(state_dict.get("last_model_path", "")),
+                "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
+            }
+        super().load_state_dict(state_dict)
+
+
+class LastCheckpoint(RunFolderCheckpoint):
     """``last.ckpt`` after every validation and at the end of training, whether or not the monitored
     metric improved (Lightning's ``save_last`` only refreshes it when a best checkpoint is written)."""
+
+    state_name = "LastCheckpoint"
 
     def __init__(self, dirpath: Path) -> None:
         super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
@@ -79,6 +114,17 @@ class LastCheckpoint(ModelCheckpoint):
         if self._last_global_step_saved != trainer.global_step:
             self._save_checkpoint(trainer, self.format_checkpoint_name({}))
             self._last_global_step_saved = trainer.global_step
+
+    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
+        """The previous ``last.ckpt`` becomes ``last.prev.ckpt`` first: a crash while writing the new one
+        leaves a checkpoint to resume from (``--ckpt_path runs/<EXP>/last.prev.ckpt``)."""
+        path = Path(filepath)
+        if trainer.is_global_zero and path.is_file():
+            path.replace(path.with_name(PREVIOUS_LAST))
+        super()._save_checkpoint(trainer, filepath)
+
+
+PREVIOUS_LAST = "last.prev.ckpt"
 
 
 class DistillCLI(LightningCLI):
@@ -124,6 +170,13 @@ class DistillCLI(LightningCLI):
                 print(target.dump(config, skip_none=False), end="")
                 raise SystemExit(0)
 
+    def _parse_ckpt_path(self) -> None:
+        """Lightning merges a checkpoint's saved hyperparameters into the config when ``ckpt_path`` is a
+        file; with ours (``teacher_fingerprint`` is not an ``__init__`` argument) that failed as "'fit' does
+        not accept option 'model.teacher_fingerprint'", and it would let a checkpoint silently override the
+        experiment's YAML. The config decides here; the checkpoint restores the state, and the teacher's
+        fingerprint is checked against it when it loads."""
+
     # ---------------------------------------------------------------- run folder
     def before_instantiate_classes(self) -> None:
         config = self.config[self.subcommand] if self.subcommand else self.config  # run=False: no subcommand
@@ -165,9 +218,25 @@ class DistillCLI(LightningCLI):
             init_args[key] = None
         try:
             super().instantiate_classes()
+        except (ValueError, FileNotFoundError) as error:  # a bad setting or a missing file: one line, no traceback
+            if os.environ.get("CWD_LIGHTNING_TRACEBACK"):
+                raise
+            raise RunError(f"{error} (CWD_LIGHTNING_TRACEBACK=1 shows where)") from None
         finally:
             for init_args, key, value in changed:
                 init_args[key] = value
+
+    def after_instantiate_classes(self) -> None:
+        super().after_instantiate_classes()
+        data = getattr(self, "datamodule", None)
+        classes = getattr(data, "num_classes", None)
+        if classes is None and getattr(data, "class_names", None) is not None:
+            classes = len(data.class_names)
+        task_classes = getattr(self.model.task, "num_classes", None)
+        if classes is not None and task_classes is not None and classes != task_classes:
+            # else a mask value the task does not know is reported as a bad mask, or classes go unused
+            raise RunError(f"data has {classes} classes (data.init_args.num_classes / class_names) but the "
+                           f"task has {task_classes} (model.task.init_args.num_classes): make them agree")  # fmt: skip
 
     def _fit_checkpoint(self, ckpt_path: str | None) -> str | None:
         last = self.run_dir / "last.ckpt"
@@ -178,10 +247,19 @@ class DistillCLI(LightningCLI):
                     f"Continue it with `make resume EXP={self.run_dir.name}`, "
                     "or move that folder away to start again."
                 )
+            held = sorted(p.name for p in self.run_dir.iterdir()) if self.run_dir.is_dir() else []
+            if held:  # e.g. best.ckpt without last.ckpt, or another run's metrics.csv: a fit would mix them
+                listed = ", ".join(held[:6]) + (f" (+{len(held) - 6} more)" if len(held) > 6 else "")
+                raise RunError(
+                    f"{self.run_dir} is not empty ({listed}) and nothing saved is overwritten or mixed into "
+                    "a new run: move that folder away, or name another run folder with --experiment <name>"
+                )
             return None
         path = last if ckpt_path == "last" else Path(ckpt_path)
         if not path.is_file():
-            raise RunError(f"nothing to resume: checkpoint {path} does not exist")
+            others = sorted(str(p) for p in self.run_dir.glob("*.ckpt"))
+            hint = f"; this run has {', '.join(others)} (--ckpt_path <one>)" if others else ""
+            raise RunError(f"nothing to resume: checkpoint {path} does not exist{hint}")
         return str(path)
 
     # ---------------------------------------------------------------- loggers and checkpoints
@@ -189,7 +267,7 @@ class DistillCLI(LightningCLI):
         trainer_config = (self.config_init[self.subcommand] if self.subcommand else self.config_init)["trainer"]
         if self.subcommand == "fit":
             callbacks = [
-                ModelCheckpoint(
+                RunFolderCheckpoint(
                     dirpath=self.run_dir,
                     filename="best",
                     monitor=self.model.task.monitor,
@@ -209,13 +287,11 @@ class DistillCLI(LightningCLI):
         return super().instantiate_trainer(**kwargs)
 
     def _loggers(self) -> list[Any]:
-        self.run_dir.mkdir(parents=True, exist_ok=True)
         id_file = self.run_dir / "wandb_id"
         if self.config[self.subcommand].ckpt_path and id_file.is_file():
             run_id = id_file.read_text().strip()
-        else:
-            run_id = uuid.uuid4().hex[:12]
-            id_file.write_text(run_id + "\n")
+        else:  # written by before_fit, once every check has passed
+            run_id = self._new_wandb_id = uuid.uuid4().hex[:12]
         experiment = self.run_dir.name
         role = "distill" if self.model.terms else ("teacher" if "teacher" in experiment else "student")
         methods = sorted({type(term.loss).__name__ for term in self.model.terms})
@@ -231,6 +307,31 @@ class DistillCLI(LightningCLI):
             tags=[role, *methods] if methods else [role, "baseline" if role == "student" else role],
         )
         return [wandb_logger, AppendingCSVLogger(str(self.run_dir))]
+
+    def before_fit(self) -> None:
+        """Every check of a resume runs here, before the run record (config, hparams, metrics, W&B) is
+        touched: a refused resume leaves the folder as it was, so the right resume still works. Only then
+        does a fresh run's folder start (its W&B id)."""
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:
+            others = sorted(str(p) for p in self.run_dir.glob("*.ckpt") if str(p) != ckpt_path)
+            way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one>)" if others else ""
+            try:
+                checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
+                teacher_utils.check_fingerprint(checkpoint, self.model.teacher_fingerprint)
+            except ValueError as error:
+                raise RunError(f"{error}{way_out}. Nothing in {self.run_dir} was changed.") from None
+            step, max_steps = int(checkpoint.get("global_step", 0)), self.trainer.max_steps
+            if 0 < max_steps <= step:  # Lightning would restore it, do nothing, and still rewrite the record
+                raise RunError(
+                    f"{ckpt_path} is at step {step}: the run already finished (trainer.max_steps = {max_steps}); "
+                    f"nothing was changed in {self.run_dir}. To train longer, start a new run with a longer "
+                    "schedule (--experiment <new name>); a larger --trainer.max_steps here would continue past the "
+                    "end of its learning-rate schedule."
+                )
+        if getattr(self, "_new_wandb_id", None):
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "wandb_id").write_text(self._new_wandb_id + "\n")
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback  # the first ModelCheckpoint: best by the task metric

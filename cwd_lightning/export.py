@@ -24,6 +24,7 @@ from cwd_lightning.analysis.runs import build, load_run
 from cwd_lightning.analysis.runs import load_student as load_trained_student
 from cwd_lightning.models.portable import PortableSegmenter, input_stride, portable_segmenter
 from cwd_lightning.models.pretrained import without_pretrained
+from cwd_lightning.safe_load import load_weights_only
 
 #: an exported file is kept when |exported − PyTorch| ≤ ATOL + RTOL·|PyTorch| everywhere
 ATOL, RTOL = 1e-4, 1e-4
@@ -113,11 +114,16 @@ def _keep_if_close(output: torch.Tensor, expected: torch.Tensor, path: Path, wri
                    temporary: Path | None = None) -> dict:  # fmt: skip
     difference = float((output - expected).abs().max()) if output.shape == expected.shape else float("inf")
     close = output.shape == expected.shape and bool(((output - expected).abs() <= ATOL + RTOL * expected.abs()).all())
+    report: dict = {"kept": close, "max_abs_difference": difference}
     if close:
-        write(path)
-    elif temporary is not None:
+        try:
+            write(path)
+        except Exception as error:  # a half-written file is worse than none
+            path.unlink(missing_ok=True)
+            report = {**report, "kept": False, "error": f"writing {path.name}: {type(error).__name__}: {error}"[:500]}
+    if temporary is not None:
         temporary.unlink(missing_ok=True)
-    return {"kept": close, "max_abs_difference": difference}
+    return report
 
 
 def load_student(export_dir: str | Path) -> nn.Module:
@@ -126,7 +132,7 @@ def load_student(export_dir: str | Path) -> nn.Module:
     export_dir = Path(export_dir)
     meta = yaml.safe_load((export_dir / "model.yaml").read_text())
     student = build(without_pretrained(meta["student"]))
-    student.load_state_dict(torch.load(export_dir / "student.pt", map_location="cpu", weights_only=True))
+    student.load_state_dict(load_weights_only(export_dir / "student.pt", "exported student"))
     return student.eval()
 
 

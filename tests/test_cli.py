@@ -60,6 +60,9 @@ def test_fit_writes_the_run_folder_with_logged_metrics(teacher_run):
     _, run_dir, _, result = teacher_run
     for name in ("last.ckpt", "best.ckpt", "config.yaml", "metrics.csv", "wandb_id"):
         assert (run_dir / name).is_file(), name
+    # the checkpoint before the last is kept: a crash while writing last.ckpt leaves one to resume from
+    assert torch.load(run_dir / "last.prev.ckpt", weights_only=True)["global_step"] == 2
+    assert torch.load(run_dir / "last.ckpt", weights_only=True)["global_step"] == 4
     rows = _metrics(run_dir)
     assert len(_column(rows, "train/loss_task")) == 4
     assert all(v > 0 for v in _column(rows, "train/loss_task"))
@@ -89,6 +92,51 @@ def test_refuses_to_overwrite_a_run_and_resumes_from_last(teacher_run):
     steps = [int(row["step"]) for row in _metrics(run_dir) if row.get("train/loss_task")]
     assert steps == [0, 1, 2, 3, 4, 5]  # the first run's rows are kept, the resumed run continues at 4
     assert len(list((run_dir / "wandb").glob(f"offline-run-*-{(run_dir / 'wandb_id').read_text().strip()}"))) >= 1
+
+
+def test_a_distilled_run_resumes_and_validates_from_an_explicit_checkpoint_path(cwd_run, tmp_path):
+    """Lightning's merge of a checkpoint's hyperparameters refused ours ('fit' does not accept option
+    'model.teacher_fingerprint') whenever ckpt_path was a path rather than 'last'."""
+    import shutil
+
+    work, run_dir = cwd_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    validated = run_cli("validate", "--config", str(copy / "config.yaml"), "--runs_root", str(tmp_path / "runs"),
+                        "--ckpt_path", str(copy / "best.ckpt"), cwd=work)  # fmt: skip
+    assert validated.returncode == 0, validated.stderr[-3000:]
+    assert "val/mIoU" in validated.stdout
+    # the run is finished (2 of 2 steps): the resume reads the checkpoint, says so and changes nothing
+    record = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    resumed = run_cli("fit", "--config", str(copy / "config.yaml"), "--runs_root", str(tmp_path / "runs"),
+                      "--ckpt_path", str(copy / "last.ckpt"), cwd=work)  # fmt: skip
+    assert resumed.returncode != 0 and "does not accept option" not in resumed.stderr
+    assert "is at step 2: the run already finished (trainer.max_steps = 2)" in resumed.stderr
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == record
+
+
+def test_a_refused_resume_changes_nothing_in_the_run_folder(cwd_run, tmp_path):
+    import shutil
+
+    work, run_dir = cwd_run
+    copy = tmp_path / "runs" / run_dir.name
+    shutil.copytree(run_dir, copy)
+    record = {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()}
+    config = yaml.safe_load((copy / "config.yaml").read_text())
+    other_teacher = tmp_path / "other_teacher.pt"
+    state = torch.load(config["model"]["teacher_checkpoint"], weights_only=True)["state_dict"]
+    torch.save({k[len("student."):]: v + 1 if v.is_floating_point() else v for k, v in state.items()
+                if k.startswith("student.")}, other_teacher)  # fmt: skip
+    common = ["fit", "--config", str(copy / "config.yaml"), "--runs_root", str(tmp_path / "runs")]
+    wrong = run_cli(*common, "--ckpt_path", "last", "--model.teacher_checkpoint", str(other_teacher), cwd=work)
+    assert wrong.returncode != 0 and "the teacher does not match" in wrong.stderr
+    assert "Nothing in" in wrong.stderr and "was changed" in wrong.stderr
+    (copy / "last.ckpt").write_bytes(record["last.ckpt"][: len(record["last.ckpt"]) // 2])  # a crash mid-write
+    record["last.ckpt"] = (copy / "last.ckpt").read_bytes()
+    damaged = run_cli(*common, "--ckpt_path", "last", cwd=work)
+    assert damaged.returncode != 0 and f"{copy / 'last.ckpt'}' is not a readable PyTorch checkpoint" in damaged.stderr
+    assert f"other checkpoints of this run: {copy / 'best.ckpt'}" in damaged.stderr
+    assert {p.name: p.read_bytes() for p in copy.iterdir() if p.is_file()} == record  # config, hparams, metrics
 
 
 def test_resume_without_a_checkpoint_fails_clearly(tmp_path):
@@ -205,3 +253,53 @@ def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path):
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
     for level in ("0", "2"):  # the channel monitor needs no detection special case
         assert list(wandb_run.glob(f"files/media/images/channels/cwd_fpn/{level}/maps_*.png")), level
+
+
+def test_a_moved_run_folder_keeps_its_best_score(tmp_path):
+    """Lightning forgets the best score when the checkpoint's folder changed, so the next validation,
+    however worse, replaced best.ckpt of a moved run."""
+    from cwd_lightning.cli import RunFolderCheckpoint
+
+    def callback(folder):
+        return RunFolderCheckpoint(dirpath=folder, filename="best", monitor="val/mIoU", mode="max", save_top_k=1,
+                                   enable_version_counter=False)  # fmt: skip
+
+    old, new = callback(tmp_path / "old"), callback(tmp_path / "new")
+    old.best_model_score, old.best_model_path = torch.tensor(0.9), str(tmp_path / "old" / "best.ckpt")
+    old.best_k_models = {old.best_model_path: torch.tensor(0.9)}
+    new.load_state_dict(old.state_dict())
+    assert float(new.best_model_score) == pytest.approx(0.9)
+    assert new.best_model_path == str(tmp_path / "new" / "best.ckpt")
+    assert list(new.best_k_models) == [str(tmp_path / "new" / "best.ckpt")]
+    assert old.state_key.startswith("ModelCheckpoint{")  # older runs' state loads, sweeps find it
+
+
+def test_a_fresh_fit_refuses_a_folder_holding_another_runs_files(tmp_path):
+    folder = tmp_path / "runs" / "shapes_student"
+    folder.mkdir(parents=True)
+    (folder / "best.ckpt").write_bytes(b"another run's model")  # no last.ckpt: the old guard let this through
+    (folder / "metrics.csv").write_text("step,val/mIoU\n3,0.5\n")
+    result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
+                     str(tmp_path / "runs"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0 and "is not empty (best.ckpt, metrics.csv)" in result.stderr
+    assert (folder / "best.ckpt").read_bytes() == b"another run's model"
+    assert sorted(p.name for p in folder.iterdir()) == ["best.ckpt", "metrics.csv"]
+
+
+def test_data_and_task_class_counts_must_agree(tmp_path):
+    result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
+                     str(tmp_path / "runs"), "--data.init_args.num_classes", "12", cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert "data has 12 classes (data.init_args.num_classes / class_names) but the task has 11" in result.stderr
+    assert not (tmp_path / "runs" / "shapes_student").exists()  # refused before anything was written
+
+
+def test_make_train_passes_args_to_the_asked_experiment_only():
+    """The teacher that `make train EXP=<student>` trains first is its own experiment as written."""
+    printed = subprocess.run(["make", "-n", "-B", "-C", str(REPO), "train", "EXP=shapes_cwd",
+                              "ARGS=--trainer.max_steps 5", "TEACHER_CKPT=runs/shapes_teacher/best.ckpt"],
+                             capture_output=True, text=True, check=True).stdout  # fmt: skip
+    teacher = [line for line in printed.splitlines() if "experiments/shapes_teacher.yaml" in line]
+    student = [line for line in printed.splitlines() if "experiments/shapes_cwd.yaml" in line]
+    assert len(teacher) == 1 and "--trainer.max_steps" not in teacher[0]
+    assert len(student) == 1 and student[0].endswith("--trainer.max_steps 5")

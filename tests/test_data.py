@@ -167,3 +167,25 @@ def test_missing_embedded_root_is_generated_and_a_foreign_folder_is_refused(tmp_
     with pytest.raises(FileExistsError, match="not a complete generated shapes dataset"):
         generate_shapes(tmp_path / "busy", ShapesSpec(num_train=2, num_val=1, image_size=32))
     assert (tmp_path / "busy" / "mine.txt").read_text() == "keep me"
+
+
+def test_data_generated_from_another_spec_is_refused_not_reused(tmp_path):
+    generate_shapes(tmp_path / "shapes", ShapesSpec(num_train=3, num_val=1, image_size=32, seed=1))
+    before = sorted(p.name for p in (tmp_path / "shapes" / "JPEGImages").iterdir())
+    for changed in ({"num_train": 4}, {"seed": 2}, {"image_size": 48}):
+        spec = ShapesSpec(**{"num_train": 3, "num_val": 1, "image_size": 32, "seed": 1, **changed})
+        with pytest.raises(FileExistsError, match=r"generated from ShapesSpec\(num_train=3.*not the requested"):
+            generate_shapes(tmp_path / "shapes", spec)
+    assert sorted(p.name for p in (tmp_path / "shapes" / "JPEGImages").iterdir()) == before  # nothing deleted
+    assert generate_shapes(tmp_path / "shapes", ShapesSpec(num_train=3, num_val=1, image_size=32, seed=1))
+
+
+def test_an_empty_split_or_one_smaller_than_a_batch_is_an_error(tmp_path):
+    generate_shapes(tmp_path / "shapes", ShapesSpec(num_train=3, num_val=1, image_size=32, seed=1))
+    val_list = tmp_path / "shapes" / "ImageSets" / "Segmentation" / "val.txt"
+    val_list.write_text("\n")  # before: no validation, no best.ckpt, exit 0
+    with pytest.raises(ValueError, match=r"split file .*val.txt lists no images"):
+        readers.voc_pairs(tmp_path / "shapes", "val")
+    datamodule = SegmentationDataModule(str(tmp_path / "shapes"), 11, crop_size=32, base_size=32, batch_size=4)
+    with pytest.raises(ValueError, match=r"split 'train' has 3 image\(s\), fewer than data.init_args.batch_size = 4"):
+        datamodule.setup("fit")

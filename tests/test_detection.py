@@ -64,6 +64,15 @@ def test_coco_reader_keeps_empty_images_and_drops_degenerate_boxes(tmp_path):
     assert dataset[1][1]["boxes"].shape == (0, 4) and dataset[2][1]["labels"].numel() == 0
 
 
+def test_coco_annotations_of_unknown_images_are_an_error(tmp_path):
+    annotations = _coco_tree(tmp_path)
+    data = json.loads(annotations.read_text())
+    data["annotations"].append({"id": 9, "image_id": 42, "category_id": 3, "bbox": [1, 1, 5, 5], "iscrowd": 0})
+    annotations.write_text(json.dumps(data))
+    with pytest.raises(ValueError, match=r"instances_val.json: annotations for image id\(s\) \[42\] that are not"):
+        CocoDetection(tmp_path / "images", annotations)
+
+
 def test_coco_reader_errors_name_the_file(tmp_path):
     with pytest.raises(FileNotFoundError, match=r"instances_x\.json not found"):
         CocoDetection(tmp_path, tmp_path / "instances_x.json")

@@ -166,3 +166,40 @@ def test_missing_imagenet_weights_fail_with_a_clear_message(monkeypatch):
         RuntimeError, match=r"could not load 'imagenet' weights for encoder 'resnet18'.*encoder_weights: null"
     ):
         build_segmentation_model("PSPNet", "resnet18", 3, encoder_weights="imagenet")
+
+
+class _Diverge(L.Callback):
+    """After step 2, one BatchNorm statistic of the student becomes inf (what a learning-rate spike does)."""
+
+    def on_train_batch_end(self, trainer, pl_module, *args) -> None:
+        if trainer.global_step == 2:
+            bn = next(m for m in pl_module.student.modules() if isinstance(m, torch.nn.BatchNorm2d))
+            bn.running_var[0] = float("inf")
+
+
+def test_a_diverged_student_is_never_validated_or_saved(teacher_file, tiny_shapes, tmp_path):
+    from lightning.pytorch.callbacks import ModelCheckpoint
+
+    module = _module(teacher_file)
+    best = ModelCheckpoint(dirpath=tmp_path, filename="best", monitor="val/mIoU", mode="max", save_top_k=1)
+    trainer = L.Trainer(max_steps=6, val_check_interval=2, limit_val_batches=1, logger=False,
+                        callbacks=[_Diverge(), best], enable_progress_bar=False)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"at step 2, before validation: student\..*running_var"):
+        trainer.fit(module, _datamodule(tiny_shapes))
+    assert not list(tmp_path.glob("*.ckpt"))  # the validation at step 2 was the first: nothing saved
+    with pytest.raises(FloatingPointError, match="before writing a checkpoint"):
+        trainer.save_checkpoint(tmp_path / "manual.ckpt")
+    assert not (tmp_path / "manual.ckpt").exists()
+
+
+class _NaNLoss(torch.nn.Module):
+    def forward(self, student, teacher):
+        return (student - teacher).abs().mean() * float("nan")
+
+
+def test_a_non_finite_term_is_named_with_its_step(teacher_file, tiny_shapes):
+    terms = [DistillTerm("broken", "segmentation_head", "segmentation_head", _NaNLoss(), 1.0)]
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    with pytest.raises(FloatingPointError, match=r"non-finite loss at step 0 in train/loss, train/distill/broken"):
+        trainer.fit(_module(teacher_file, terms), _datamodule(tiny_shapes))

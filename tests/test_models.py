@@ -9,7 +9,7 @@ from torch import nn
 from cwd_lightning.models.dilated import build_dilated_segmentor
 from cwd_lightning.tasks.segmentation import SegmentationTask
 
-#: parameters of the networks as built here (19 classes), quoted in the README next to mmseg's
+#: parameters of the networks as built here (19 classes), quoted in the README
 PARAMETERS = {("psp", "resnet18"): 12_790_086, ("psp", "resnet101"): 67_967_622, ("aspp", "resnet18"): 13_986_374}
 
 
@@ -85,3 +85,35 @@ def test_the_portable_segmenter_gives_main_logits_at_the_input_size_and_leaves_t
     with torch.no_grad():
         expected = nn.functional.interpolate(student(images)["out"], size=(40, 56), mode="bilinear")
         torch.testing.assert_close(portable(images), expected, atol=1e-5, rtol=1e-5)
+
+
+def test_a_dilated_v1d_student_exports_to_pt2_and_onnx_at_any_batch_and_size(tmp_path):
+    """The real-data students (PSPNet-R18-D8 on resnet18d) hold timm's AvgPool2dSame, whose size-dependent
+    padding torch.export.save could not serialise: the export failed and left a broken student.pt2."""
+    import onnxruntime
+
+    from cwd_lightning.export import export_segmenter
+
+    torch.manual_seed(0)
+    student = build_dilated_segmentor(encoder_name="resnet18d", num_classes=5, encoder_weights=None).eval()
+    report = export_segmenter(student, tmp_path)
+    assert {name: check["kept"] for name, check in report["files"].items()} == {
+        "student.pt2": True,
+        "student.onnx": True,
+    }
+    images = torch.randn(3, 3, 48, 80)  # neither the traced (2, 32×32) nor the checked (3, 64×64) shape
+    with torch.no_grad():
+        expected = nn.functional.interpolate(student(images)["out"], size=(48, 80), mode="bilinear")
+        assert (torch.export.load(tmp_path / "student.pt2").module()(images) - expected).abs().max() <= 1e-4
+    session = onnxruntime.InferenceSession(str(tmp_path / "student.onnx"), providers=["CPUExecutionProvider"])
+    assert (torch.from_numpy(session.run(None, {"images": images.numpy()})[0]) - expected).abs().max() <= 1e-4
+
+
+def test_the_r18_d8_blocks_are_dilated_as_mmseg_dilates_them():
+    """mmseg's BasicBlock dilates conv1 only (contract_dilation: the first block of a stage at half the
+    stage's dilation); timm would dilate conv2 as well."""
+    encoder = build_dilated_segmentor(encoder_name="resnet18d", encoder_weights=None).encoder
+    dilations = {name: module.dilation[0] for name, module in encoder.named_modules()
+                 if name.startswith(("layer3", "layer4")) and name.endswith(("conv1", "conv2"))}  # fmt: skip
+    expected = {"layer3.0.conv1": 1, "layer3.1.conv1": 2, "layer4.0.conv1": 2, "layer4.1.conv1": 4}
+    assert dilations == {**expected, **{name.replace("conv1", "conv2"): 1 for name in expected}}

@@ -124,7 +124,7 @@ def test_a_missing_download_says_what_to_fetch_and_where(tmp_path, monkeypatch):
 
 
 def test_a_teacher_without_weights_is_still_refused(tiny_shapes, tmp_path):
-    with pytest.raises(ValueError, match="teacher_checkpoint is not: a teacher with random weights"):
+    with pytest.raises(SystemExit, match="teacher_checkpoint is not: a teacher with random weights"):
         config = str(REPO / "experiments" / "shapes_cwd.yaml")
         args = ["--config", config, "--runs_root", str(tmp_path), "--model.teacher_checkpoint", "null"]
         DistillCLI(args=[*args, *tiny_overrides(tiny_shapes, 2), *_QUIET], run=False)

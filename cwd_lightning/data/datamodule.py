@@ -68,6 +68,7 @@ class SegmentationDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
+            check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
         self.val_set = self._dataset(self.val_split, self.eval_tf)
 
     def train_dataloader(self) -> DataLoader:
@@ -82,6 +83,12 @@ class SegmentationDataModule(L.LightningDataModule):
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+
+
+def check_enough_for_a_batch(images: int, batch_size: int, split: str) -> None:
+    """Training drops the last incomplete batch: fewer images than one batch would train nothing."""
+    if images < batch_size:
+        raise ValueError(f"split {split!r} has {images} image(s), fewer than data.init_args.batch_size = {batch_size}")
 
 
 def _download_voc(root: Path) -> None:

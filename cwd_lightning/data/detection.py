@@ -122,6 +122,12 @@ class CocoDetection(_BoxDataset):
         by_image: dict[int, list[dict]] = defaultdict(list)
         for annotation in data["annotations"]:
             by_image[annotation["image_id"]].append(annotation)
+        orphans = sorted(set(by_image) - {image["id"] for image in data["images"]})
+        if orphans:  # their boxes would be dropped silently (and a wrong file is likely the cause)
+            raise ValueError(f"{self.annotation_file}: annotations for image id(s) {orphans[:10]} that are not "
+                             f"in 'images' ({sum(len(by_image[i]) for i in orphans)} annotation(s))")  # fmt: skip
+        if not data["images"]:
+            raise ValueError(f"{self.annotation_file} lists no images")
         self.samples = []
         dropped: list[str] = []
         for image in sorted(data["images"], key=lambda i: i["id"]):

@@ -9,6 +9,7 @@ from typing import Literal
 import lightning as L
 from torch.utils.data import DataLoader
 
+from cwd_lightning.data.datamodule import check_enough_for_a_batch
 from cwd_lightning.data.detection import (
     CocoDetection,
     VocXmlDetection,
@@ -82,6 +83,7 @@ class DetectionDataModule(L.LightningDataModule):
     def setup(self, stage: str | None = None) -> None:
         if stage in (None, "fit"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
+            check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
         self.val_set = self._dataset(self.val_split, self.eval_tf, evaluation=True)
 
     def train_dataloader(self) -> DataLoader:

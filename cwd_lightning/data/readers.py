@@ -118,6 +118,8 @@ def voc_pairs(root: Path, split: str, mask_dir: str | None = None) -> list[tuple
         raise FileNotFoundError(f"split file {list_file} not found. {VOC_HINT}")
     mask_dir = mask_dir or ("SegmentationClassAug" if split == "trainaug" else "SegmentationClass")
     names = [line.split()[0] for line in list_file.read_text().splitlines() if line.strip()]
+    if not names:  # else: no validation at all (and no best.ckpt), or PyTorch's num_samples=0
+        raise ValueError(f"split file {list_file} lists no images")
     pairs = [(root / "JPEGImages" / f"{n}.jpg", root / mask_dir / f"{n}.png") for n in names]
     _check_exist(pairs, list_file)
     return pairs

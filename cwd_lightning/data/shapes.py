@@ -241,7 +241,8 @@ def _voc_xml(name: str, size: int, boxes: list[tuple[int, list[int]]]) -> bytes:
 
 
 def generate_shapes(root: str | Path, spec: ShapesSpec | None = None) -> Path:
-    """Write the dataset into ``root`` (VOC 2012 layout) unless it is already complete there.
+    """Write the dataset into ``root`` (VOC 2012 layout) unless it is already complete there, generated
+    from the same ``spec`` (stored beside the data; another spec is refused, nothing is deleted).
 
     Written into a temporary sibling folder and renamed at the end, so an interrupted run never
     leaves a half dataset that looks complete.
@@ -249,6 +250,12 @@ def generate_shapes(root: str | Path, spec: ShapesSpec | None = None) -> Path:
     spec = spec or ShapesSpec()
     root = Path(root)
     if (root / _MARKER).is_file():
+        stored = (root / _MARKER).read_text().strip()  # the spec the data was generated from
+        if stored != repr(spec):  # else runs would silently train on other data than they say
+            raise FileExistsError(
+                f"{root} holds a shapes dataset generated from {stored}, not the requested {spec!r}. Nothing is "
+                f"deleted: remove {root} to regenerate it, or give another folder (data.init_args.root)."
+            )
         return root
     if root.exists() and any(root.iterdir()):
         raise FileExistsError(f"{root} exists but is not a complete generated shapes dataset; remove it first")

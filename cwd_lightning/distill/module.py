@@ -130,8 +130,11 @@ class DistillationModule(L.LightningModule):
         self.log_dict(logs, batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         if not all(torch.isfinite(value) for value in (loss, *auxiliary.values())):
+            bad = [name for name, value in logs.items() if not torch.isfinite(value).all()]
             raise FloatingPointError(
-                f"non-finite loss at step {self.global_step}: { ({k: float(v) for k, v in logs.items()}) }"
+                f"non-finite loss at step {self.global_step} in {', '.join(bad)} (task = train/loss_task, "
+                f"a distillation term = train/distill/<term>): { ({k: float(v) for k, v in logs.items()}) }. "
+                "Stopped before this step's update; the checkpoints hold the last validated state."
             )
         if self.automatic_optimization:
             return loss
@@ -151,6 +154,33 @@ class DistillationModule(L.LightningModule):
             optimizer.zero_grad()  # the student's backward also reached these parameters
             self.manual_backward(auxiliary[key])
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
+    def non_finite_state(self) -> list[str]:
+        """Names of the trained weights and buffers (BatchNorm statistics) holding inf or NaN: the student,
+        the connectors and the losses' own modules. One fused reduction, one host sync."""
+        named = [(f"student.{n}", t) for n, t in [*self.student.named_parameters(), *self.student.named_buffers()]]
+        if self.distiller is not None:
+            named += [(f"distiller.{n}", t) for n, t in [*self.distiller.named_parameters(),
+                                                         *self.distiller.named_buffers()]]  # fmt: skip
+        named = [(name, tensor) for name, tensor in named if tensor.is_floating_point()]
+        if not named:
+            return []
+        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+        return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
+
+    def _refuse_non_finite_state(self, moment: str) -> None:
+        bad = self.non_finite_state()
+        if bad:
+            more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
+            raise FloatingPointError(
+                f"non-finite weights or statistics at step {self.global_step}, {moment}: {', '.join(bad[:5])}{more}. "
+                "Stopped: no checkpoint of this state is written and best.ckpt keeps the last finite model "
+                "(a smaller learning rate, warm-up or gradient clipping usually helps)."
+            )
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":  # a diverged student is never validated, so never 'best'
+            self._refuse_non_finite_state("before validation")
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         task_loss, _, _, values, _ = self._losses(batch, self.task.validation_step)
@@ -187,6 +217,7 @@ class DistillationModule(L.LightningModule):
 
     # ---------------------------------------------------------------- checkpoints without the teacher
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self._refuse_non_finite_state("before writing a checkpoint")
         teacher_utils.strip_from_checkpoint(checkpoint)
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:

@@ -8,6 +8,8 @@ from pathlib import Path
 import torch
 from torch import Tensor, nn
 
+from cwd_lightning.safe_load import load_weights_only
+
 # A teacher run of this project trains its network as the "student" of a DistillationModule.
 _LIGHTNING_PREFIX = "student."
 
@@ -23,10 +25,7 @@ def read_weights(path: str | Path) -> dict[str, Tensor]:
             f"teacher checkpoint {str(path)!r} not found{base}. Train the teacher first "
             "(e.g. `make train EXP=shapes_teacher`) or point model.teacher_checkpoint at a state_dict file."
         )
-    try:
-        payload = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as error:  # pickle errors and corrupt files come in many types
-        raise ValueError(f"cannot read teacher checkpoint {str(path)!r}: {error}") from error
+    payload = load_weights_only(path, "teacher checkpoint")
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         state = payload["state_dict"]
         if any(key.startswith(_LIGHTNING_PREFIX) for key in state):
@@ -84,15 +83,20 @@ def strip_from_checkpoint(checkpoint: dict, prefix: str = "teacher.") -> None:
     checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)}
 
 
-def restore_into_checkpoint(checkpoint: dict, teacher: nn.Module | None, expected: str | None,
-                            prefix: str = "teacher.") -> None:  # fmt: skip
-    """Before a checkpoint is loaded: the configured teacher must be the one it was trained with (by
-    fingerprint), and its weights go back into the state_dict so the load stays strict."""
+def check_fingerprint(checkpoint: dict, expected: str | None) -> None:
+    """The configured teacher must be the one the checkpoint was trained with."""
     saved = checkpoint.get("hyper_parameters", {}).get("teacher_fingerprint")
     if saved != expected:
         raise ValueError(
             "the teacher does not match the one this checkpoint was trained with: fingerprint "
             f"{expected} now, {saved} in the checkpoint (check model.teacher_checkpoint)"
         )
+
+
+def restore_into_checkpoint(checkpoint: dict, teacher: nn.Module | None, expected: str | None,
+                            prefix: str = "teacher.") -> None:  # fmt: skip
+    """Before a checkpoint is loaded: the configured teacher must be the one it was trained with (by
+    fingerprint), and its weights go back into the state_dict so the load stays strict."""
+    check_fingerprint(checkpoint, expected)
     if teacher is not None:
         checkpoint["state_dict"].update({f"{prefix}{k}": v for k, v in teacher.state_dict().items()})

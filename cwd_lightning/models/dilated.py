@@ -84,6 +84,7 @@ def build_dilated_segmentor(
             "them from the Hugging Face hub on first use: connect once (or copy them into the HF cache), or set "
             "encoder_weights: null."
         ) from error
+    _undilate_basic_block_conv2(encoder)
     stage3_channels, stage4_channels = encoder.feature_info.channels()
     wide = stage4_channels >= 2048
     channels = channels or (512 if wide else 128)
@@ -92,3 +93,14 @@ def build_dilated_segmentor(
     decode_head = head_class(stage4_channels, channels, num_classes)
     auxiliary_head = FCNHead(stage3_channels, auxiliary_channels, num_classes) if auxiliary else None
     return DilatedSegmentor(encoder, decode_head, auxiliary_head)
+
+
+def _undilate_basic_block_conv2(encoder: nn.Module) -> None:
+    """mmseg's dilated BasicBlock (ResNet-18/34) dilates only its first 3×3 conv (``conv2``: padding 1,
+    dilation 1); timm dilates both. Same parameters, different receptive field: match mmseg's, the network
+    the paper's and mmseg's R18 students are. Bottlenecks have one 3×3 conv and already agree."""
+    from timm.models.resnet import BasicBlock
+
+    for block in encoder.modules():
+        if isinstance(block, BasicBlock) and block.conv2.dilation != (1, 1):
+            block.conv2.dilation, block.conv2.padding = (1, 1), (1, 1)

@@ -2,6 +2,7 @@
 
 ``portable_segmenter`` wraps a student for ``torch.export`` / ONNX. Two things differ from training:
 - dict outputs (``{"out", "aux"}``) give their main logits, upsampled to the input size as the metrics do;
+- timm's ``AvgPool2dSame`` at stride 1 becomes a fixed zero pad and an average pool (same values);
 - ``nn.AdaptiveAvgPool2d`` with bins > 1 (PSPNet's pyramid pooling) becomes the same average written as
   two pooling matrices. The ONNX exporter lowers adaptive pooling to an ``AveragePool`` whose kernel is
   fixed at the traced size, so the exported model is silently wrong at any other size (max error 1.5 on
@@ -52,6 +53,18 @@ class PortableSegmenter(nn.Module):
         return F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
 
 
+def _static_same_pool(pool: nn.AvgPool2d) -> nn.Module | None:
+    """timm's ``AvgPool2dSame`` (the stride-1 shortcut pool of a dilated V1d ResNet, e.g. ``resnet18d`` at
+    output stride 8) computes its "same" padding with ``math.ceil`` on the input size, which
+    ``torch.export.save`` cannot serialise. At stride 1 the padding does not depend on the size:
+    k − 1 zeros, the extra one on the right/bottom, so it is written as a fixed zero pad."""
+    if _pair(pool.stride) != (1, 1):
+        return None
+    (kh, kw) = _pair(pool.kernel_size)
+    pad = nn.ZeroPad2d(((kw - 1) // 2, kw // 2, (kh - 1) // 2, kh // 2))
+    return nn.Sequential(pad, nn.AvgPool2d((kh, kw), 1, 0, pool.ceil_mode, pool.count_include_pad))
+
+
 def portable_segmenter(student: nn.Module) -> PortableSegmenter:
     """A copy of ``student`` (eval mode) wrapped for export; ``student`` itself is not changed."""
     student = copy.deepcopy(student).eval()
@@ -60,6 +73,8 @@ def portable_segmenter(student: nn.Module) -> PortableSegmenter:
             size = getattr(child, "output_size", None)
             if isinstance(child, nn.AdaptiveAvgPool2d) and size not in (1, (1, 1)) and None not in _pair(size):
                 setattr(module, name, MatrixAdaptiveAvgPool2d(size))
+            elif type(child).__name__ == "AvgPool2dSame" and (static := _static_same_pool(child)) is not None:
+                setattr(module, name, static)
     return PortableSegmenter(student).eval()
 
 

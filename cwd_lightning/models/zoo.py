@@ -14,6 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
+from cwd_lightning.safe_load import load_weights_only
 from cwd_lightning.tasks.detection import keep_box_outputs_in_float32
 
 
@@ -59,7 +60,7 @@ def torchvision_model(
     if num_classes not in (None, categories):
         raise ValueError(f"{name} {chosen.name} predicts {categories} classes, not num_classes={num_classes}")
     model = get_model(name, weights=None, num_classes=categories, **kwargs)
-    model.load_state_dict(torch.load(_cached(chosen.url), map_location="cpu", weights_only=True))
+    model.load_state_dict(load_weights_only(_cached(chosen.url), f"torchvision {name} weights"))
     model.pretrained_source = f"torchvision {name} {chosen}"
     return model if name in dense else keep_box_outputs_in_float32(model)
 

@@ -17,6 +17,7 @@ import torch
 import yaml
 
 from cwd_lightning.analysis.runs import load_run
+from cwd_lightning.safe_load import load_weights_only
 from cwd_lightning.sweeps.markdown import log_wandb_table, write_markdown
 from cwd_lightning.sweeps.provenance import commit, hardware, teacher_fingerprint
 from cwd_lightning.sweeps.spec import Row, Table, check_same_recipe
@@ -75,7 +76,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
     if process.returncode != 0:
         raise RuntimeError(f"[{table.name}] {row.name} seed {seed} failed (exit {process.returncode}); "
                            f"see {runs / f'{run_dir.name}.log'}")  # fmt: skip
-    checkpoint = torch.load(run_dir / "best.ckpt", map_location="cpu", weights_only=True)
+    checkpoint = load_weights_only(run_dir / "best.ckpt", "run checkpoint")
     best = next(state for key, state in checkpoint["callbacks"].items() if key.startswith("ModelCheckpoint"))
     result = {
         "table": table.name,
