@@ -329,6 +329,9 @@ class DistillCLI(LightningCLI):
                     "schedule (--experiment <new name>); a larger --trainer.max_steps here would continue past the "
                     "end of its learning-rate schedule."
                 )
+            for logger in self.trainer.loggers:  # rows logged after this checkpoint are logged again
+                if isinstance(logger, AppendingCSVLogger):
+                    logger.discard_from(step)
         if getattr(self, "_new_wandb_id", None):
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "wandb_id").write_text(self._new_wandb_id + "\n")

@@ -27,6 +27,25 @@ class AppendingCSVLogger(CSVLogger):
     def __init__(self, save_dir: str) -> None:
         super().__init__(save_dir=save_dir, name="", version="")
 
+    def discard_from(self, step: int) -> int:
+        """Drop the rows logged at ``step`` or later: a run resumed from the checkpoint of ``step`` logs
+        them again (they were written after that checkpoint, before the run died). Returns how many."""
+        path = os.path.join(self.log_dir, ExperimentWriter.NAME_METRICS_FILE)
+        if not os.path.isfile(path):
+            return 0
+        with open(path, newline="") as handle:
+            reader = csv.DictReader(handle)
+            header, rows = reader.fieldnames or [], list(reader)
+        kept = [row for row in rows if not row.get("step") or int(float(row["step"])) < step]
+        if len(kept) != len(rows):
+            temporary = path + ".tmp"
+            with open(temporary, "w", newline="") as handle:
+                writer = csv.DictWriter(handle, fieldnames=header)
+                writer.writeheader()
+                writer.writerows(kept)
+            os.replace(temporary, path)
+        return len(rows) - len(kept)
+
     @property
     def experiment(self) -> ExperimentWriter:
         if self._experiment is None:

@@ -303,3 +303,14 @@ def test_make_train_passes_args_to_the_asked_experiment_only():
     student = [line for line in printed.splitlines() if "experiments/shapes_cwd.yaml" in line]
     assert len(teacher) == 1 and "--trainer.max_steps" not in teacher[0]
     assert len(student) == 1 and student[0].endswith("--trainer.max_steps 5")
+
+
+def test_rows_logged_after_the_resumed_checkpoint_are_not_kept_twice(tmp_path):
+    from cwd_lightning.csv_log import AppendingCSVLogger
+
+    rows = ["step,train/loss,val/mIoU", *[f"{k},{1 / (k + 1)}," for k in range(8)], "3,,0.5", "7,,0.6"]
+    (tmp_path / "metrics.csv").write_text("\n".join(rows) + "\n")
+    # the run died after step 7; its last checkpoint is at global step 4 (after the validation logged at 3)
+    assert AppendingCSVLogger(str(tmp_path)).discard_from(4) == 5
+    kept = _metrics(tmp_path)
+    assert [row["step"] for row in kept] == ["0", "1", "2", "3", "3"] and kept[-1]["val/mIoU"] == "0.5"
