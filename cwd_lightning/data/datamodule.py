@@ -10,6 +10,7 @@ import lightning as L
 from torch.utils.data import DataLoader
 
 from cwd_lightning.data import readers
+from cwd_lightning.data.preflight import check_samples
 from cwd_lightning.data.shapes import ShapesSpec, generate_shapes
 from cwd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transforms, train_transforms
 
@@ -69,7 +70,9 @@ class SegmentationDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
             check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
+            check_samples(self.train_set.pairs, self.train_set.load, f"{self.root} split {self.train_split!r}")
         self.val_set = self._dataset(self.val_split, self.eval_tf)
+        check_samples(self.val_set.pairs, self.val_set.load, f"{self.root} split {self.val_split!r}")
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(

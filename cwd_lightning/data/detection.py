@@ -89,8 +89,12 @@ class _BoxDataset(Dataset):
     def __len__(self) -> int:
         return len(self.samples)
 
+    def load(self, index: int) -> tuple[Any, Target]:
+        """The decoded image and its target, before transforms."""
+        return _sample(self.samples[index])
+
     def __getitem__(self, index: int) -> tuple[torch.Tensor, Target]:
-        sample = _sample(self.samples[index])
+        sample = self.load(index)
         return self.transforms(*sample) if self.transforms else sample
 
 

@@ -18,6 +18,7 @@ from cwd_lightning.data.detection import (
     detection_train_transforms,
     voc_to_coco,
 )
+from cwd_lightning.data.preflight import check_samples
 from cwd_lightning.data.shapes import SHAPES_CLASSES, ShapesSpec, generate_shapes
 
 COCO_HINT = (
@@ -84,7 +85,12 @@ class DetectionDataModule(L.LightningDataModule):
         if stage in (None, "fit"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
             check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
+            check_samples([[s.path] for s in self.train_set.samples], self.train_set.load,
+                          f"{self.root} split {self.train_split!r}")  # fmt: skip
         self.val_set = self._dataset(self.val_split, self.eval_tf, evaluation=True)
+        check_samples(
+            [[s.path] for s in self.val_set.samples], self.val_set.load, f"{self.root} split {self.val_split!r}"
+        )
 
     def train_dataloader(self) -> DataLoader:
         return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
