@@ -201,3 +201,23 @@ def test_report_takes_runs_that_differ_only_by_seed_together(tmp_path):
     section = text[text.index("## Over seeds") :]
     assert "| ChannelWiseDivergence | 3 | 4 | @head | 0, 1, 2 | 0.3200 ± 0.0200 (val/mIoU) |" in section
     assert "| ChannelWiseDivergence | 3 | 1 | @head | 0 | 0.2500 ± 0.0000 (val/mIoU) |" in section
+
+
+def test_a_result_whose_config_only_gained_keys_is_kept_and_any_other_change_reruns(tmp_path):
+    from cwd_lightning.sweeps.runner import current_result
+
+    path = tmp_path / "seed0.json"
+    config = {"model": {"task": {"num_classes": 11}}, "trainer": {"max_steps": 1000}}
+    path.write_text(json.dumps({"best": 0.3, "config_digest": "d1", "teacher_fingerprint": "t"}))
+    assert current_result(path, "d1", "t", set_aside=True, config=config)["best"] == 0.3
+    assert json.loads(path.read_text())["resolved_config"] == config  # an older file gets its config added
+
+    grown = {"model": {"task": {"num_classes": 11, "aux_weight": 0.4}}, "trainer": {"max_steps": 1000}}
+    assert current_result(path, "d2", "t", set_aside=True, config=grown)["best"] == 0.3
+    saved = json.loads(path.read_text())
+    assert saved["config_digest"] == "d2"
+    assert saved["config_migrations"] == [{"from": "d1", "added": ["model.task.aux_weight"]}]
+
+    changed = {"model": {"task": {"num_classes": 11, "aux_weight": 0.4}}, "trainer": {"max_steps": 500}}
+    assert current_result(path, "d3", "t", set_aside=True, config=changed) is None
+    assert not path.exists() and len(list((tmp_path / "stale").glob("seed0.*.json"))) == 1  # kept, not lost

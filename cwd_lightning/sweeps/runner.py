@@ -20,7 +20,7 @@ from cwd_lightning.analysis.runs import load_run
 from cwd_lightning.safe_load import load_weights_only
 from cwd_lightning.sweeps.markdown import log_wandb_table, write_markdown
 from cwd_lightning.sweeps.provenance import commit, hardware, teacher_fingerprint
-from cwd_lightning.sweeps.spec import Row, Table, check_same_recipe
+from cwd_lightning.sweeps.spec import Row, Table, added_keys, check_same_recipe
 
 
 def resolved_config(row: Row, table: Table, experiments: Path) -> str:
@@ -51,7 +51,7 @@ def _environment(threads: int | None) -> dict[str, str]:
 
 
 def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None, folders: dict[str, Path],
-            jobs: int = 1) -> dict:  # fmt: skip
+            jobs: int = 1, config: dict | None = None) -> dict:  # fmt: skip
     """One fit; its result file once it has finished (never a partial one)."""
     runs, results, experiments = folders["runs"], folders["results"], folders["experiments"]
     run_dir = runs / f"{row.name}_seed{seed}"
@@ -97,6 +97,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
         "config": row.config,
         "args": [*table.args, *row.args],
         "config_digest": digest,
+        "resolved_config": config,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),
     }
     if result["teacher_fingerprint"] != teacher:
@@ -113,13 +114,30 @@ def write_result(path: Path, result: dict) -> None:
     temporary.replace(path)  # a result file is whole or absent
 
 
-def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool) -> dict | None:
+def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool,
+                   config: dict | None = None) -> dict | None:  # fmt: skip
     """The result at ``path`` if it was made with the same resolved config and teacher. An outdated one is
-    moved to ``stale/`` (kept, not overwritten) when ``set_aside``, so the run is repeated."""
+    moved to ``stale/`` (kept, not overwritten) when ``set_aside``, so the run is repeated.
+
+    Results keep their resolved config (``resolved_config``; added to older files whose digest still
+    matches), so a config that has only gained keys since (a new argument at its default) is recognised
+    as the same run: its digest is updated and the added keys recorded, instead of a re-run."""
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    if result.get("config_digest") == digest and result.get("teacher_fingerprint") == teacher:
+    same_teacher = result.get("teacher_fingerprint") == teacher
+    if result.get("config_digest") == digest and same_teacher:
+        if config is not None and "resolved_config" not in result and set_aside:
+            result["resolved_config"] = config
+            write_result(path, result)
+        return result
+    added = added_keys(result["resolved_config"], config) if config and "resolved_config" in result else None
+    if same_teacher and added is not None:
+        if set_aside:
+            migrations = [*result.get("config_migrations", []), {"from": result["config_digest"], "added": added}]
+            result.update(config_digest=digest, resolved_config=config, config_migrations=migrations)
+            write_result(path, result)
+        print(f"{path}: the config only gained {added} since; the same run", flush=True)
         return result
     if set_aside:
         stale = path.parent / "stale" / f"{path.stem}.{result.get('finished', 'old').replace(' ', '_')}.json"
@@ -147,10 +165,10 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
         for row in [row for row in table.rows if rows is None or row.name in rows]:
             digest, teacher = digests[row.name], teachers[row.name]
             path = results / table.name / row.name / f"seed{seed}.json"
-            if current_result(path, digest, teacher, set_aside=not dry_run) is not None:
+            if current_result(path, digest, teacher, set_aside=not dry_run, config=resolved[row.name]) is not None:
                 print(f"[{table.name}] {row.name} seed {seed}: done ({path})", flush=True)
             elif row.reuse and (shared := current_result(results / row.reuse / f"seed{seed}.json", digest, teacher,
-                                                         set_aside=False)):  # fmt: skip
+                                                         set_aside=False, config=resolved[row.name])):  # fmt: skip
                 if not dry_run:
                     write_result(path, {**shared, "table": table.name, "row": row.name, "label": row.label,
                                         "reused_from": row.reuse})  # fmt: skip
@@ -163,8 +181,8 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
     folders = {"runs": runs_root / "tables" / table.name, "results": results, "experiments": experiments}
     failures = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
-        futures = {pool.submit(run_row, row, seed, table, digest, teacher, folders, jobs): (row.name, seed)
-                   for row, seed, digest, teacher in pending}  # fmt: skip
+        futures = {pool.submit(run_row, row, seed, table, digest, teacher, folders, jobs, resolved[row.name]):
+                   (row.name, seed) for row, seed, digest, teacher in pending}  # fmt: skip
         for future in as_completed(futures):
             try:
                 future.result()

@@ -92,3 +92,13 @@ def _flatten(value: object, prefix: str = "") -> dict[str, object]:
             flat.update(_flatten(item, f"{prefix}{key}."))
         return flat
     return {prefix.rstrip("."): value}
+
+
+def added_keys(old: dict, new: dict) -> list[str] | None:
+    """The keys ``new`` adds to ``old`` when it only adds keys (every key of ``old`` has the same value in
+    ``new``), else None. A config that only gained arguments, at their defaults, made the same run, as
+    long as a new argument's default keeps the old behaviour (that is what a default must do here)."""
+    before, after = _flatten(old), _flatten(new)
+    if any(key not in after or after[key] != value for key, value in before.items()):
+        return None
+    return sorted(set(after) - set(before))
