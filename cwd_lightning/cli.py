@@ -101,6 +101,10 @@ class RunFolderCheckpoint(ModelCheckpoint):
         super().load_state_dict(state_dict)
 
 
+#: the checkpoint before ``last.ckpt``, kept (see ``LastCheckpoint._save_checkpoint``)
+PREVIOUS_LAST = "last.prev.ckpt"
+
+
 class LastCheckpoint(RunFolderCheckpoint):
     """``last.ckpt`` after every validation and at the end of training, whether or not the monitored
     metric improved (Lightning's ``save_last`` only refreshes it when a best checkpoint is written)."""
@@ -122,9 +126,6 @@ class LastCheckpoint(RunFolderCheckpoint):
         if trainer.is_global_zero and path.is_file():
             path.replace(path.with_name(PREVIOUS_LAST))
         super()._save_checkpoint(trainer, filepath)
-
-
-PREVIOUS_LAST = "last.prev.ckpt"
 
 
 class DistillCLI(LightningCLI):
