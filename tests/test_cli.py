@@ -19,7 +19,7 @@ from PIL import Image
 
 from cwd_lightning.cli import main
 from cwd_lightning.export import load_student
-from tests.conftest import run_cli
+from tests.conftest import run_cli, tiny_overrides
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
@@ -314,3 +314,15 @@ def test_rows_logged_after_the_resumed_checkpoint_are_not_kept_twice(tmp_path):
     assert AppendingCSVLogger(str(tmp_path)).discard_from(4) == 5
     kept = _metrics(tmp_path)
     assert [row["step"] for row in kept] == ["0", "1", "2", "3", "3"] and kept[-1]["val/mIoU"] == "0.5"
+
+
+def test_no_credential_reaches_the_run_record(tiny_shapes, tmp_path, monkeypatch):
+    secret = "wandb-key-0123456789abcdef0123456789abcdef"
+    monkeypatch.setenv("WANDB_API_KEY", secret)  # run_cli passes the environment on, as a shell would
+    result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--runs_root",
+                     str(tmp_path / "runs"), *tiny_overrides(tiny_shapes, 2), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    files = [p for p in (tmp_path / "runs").rglob("*") if p.is_file()]
+    assert any(p.name == "last.ckpt" for p in files) and any(p.suffix == ".wandb" for p in files)
+    assert [p for p in files if secret.encode() in p.read_bytes()] == []  # configs, logs, checkpoints, W&B
+    assert secret not in result.stdout + result.stderr
