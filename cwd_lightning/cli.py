@@ -239,6 +239,10 @@ class DistillCLI(LightningCLI):
             raise RunError(f"data has {classes} classes (data.init_args.num_classes / class_names) but the "
                            f"task has {task_classes} (model.task.init_args.num_classes): make them agree")  # fmt: skip
 
+    def _checkpoints(self, but: str | None) -> list[str]:
+        """The run's checkpoints other than ``but``: where a refused or impossible resume can go instead."""
+        return sorted(str(p) for p in self.run_dir.glob("*.ckpt") if str(p) != but)
+
     def _fit_checkpoint(self, ckpt_path: str | None) -> str | None:
         last = self.run_dir / "last.ckpt"
         if ckpt_path is None:
@@ -258,7 +262,7 @@ class DistillCLI(LightningCLI):
             return None
         path = last if ckpt_path == "last" else Path(ckpt_path)
         if not path.is_file():
-            others = sorted(str(p) for p in self.run_dir.glob("*.ckpt"))
+            others = self._checkpoints(but=None)
             hint = f"; this run has {', '.join(others)} (--ckpt_path <one>)" if others else ""
             raise RunError(f"nothing to resume: checkpoint {path} does not exist{hint}")
         return str(path)
@@ -315,7 +319,7 @@ class DistillCLI(LightningCLI):
         does a fresh run's folder start (its W&B id)."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path:
-            others = sorted(str(p) for p in self.run_dir.glob("*.ckpt") if str(p) != ckpt_path)
+            others = self._checkpoints(but=ckpt_path)
             way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one>)" if others else ""
             try:
                 checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
