@@ -25,6 +25,13 @@ from cwd_lightning.csv_log import AppendingCSVLogger
 from cwd_lightning.distill import teacher as teacher_utils
 from cwd_lightning.distill.module import DistillationModule
 from cwd_lightning.models.pretrained import PRETRAINED_ARGUMENTS
+from cwd_lightning.run_folder import (
+    RUN_ID_FILE,
+    AtomicCheckpointIO,
+    LastCheckpoint,
+    RunFolderCheckpoint,
+    RunRecord,
+)
 from cwd_lightning.safe_load import load_weights_only
 
 WANDB_PROJECT = "cwd_lightning"
@@ -68,64 +75,6 @@ class SaveAndLogConfig(SaveConfigCallback):
         config = json.loads(self.parser.dump(self.config, skip_none=False, format="json"))
         for logger in trainer.loggers:
             logger.log_hyperparams({"config": config})
-
-
-class RunFolderCheckpoint(ModelCheckpoint):
-    """A ``ModelCheckpoint`` whose state survives a moved run folder. Lightning drops the best score when
-    the saved ``dirpath`` differs from the current one, so after a move the next validation, however
-    worse, replaced ``best.ckpt``; here the saved paths are re-read inside the current folder instead."""
-
-    #: the name in the checkpoint's callback state key, as before this class existed, so older runs resume
-    #: with their best score and the sweeps find the best checkpoint's state under "ModelCheckpoint"
-    state_name = "ModelCheckpoint"
-
-    @property
-    def state_key(self) -> str:
-        return super().state_key.replace(type(self).__qualname__, self.state_name, 1)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        saved = state_dict.get("dirpath")
-        if saved and self.dirpath and Path(saved) != Path(self.dirpath):
-
-            def moved(path: str) -> str:
-                return str(Path(self.dirpath) / Path(path).name) if path else path
-
-            state_dict = {
-                **state_dict,
-                "dirpath": self.dirpath,
-                "best_model_path": moved(state_dict.get("best_model_path", "")),
-                "kth_best_model_path": moved(state_dict.get("kth_best_model_path", "")),
-                "last_model_path": moved(state_dict.get("last_model_path", "")),
-                "best_k_models": {moved(k): v for k, v in state_dict.get("best_k_models", {}).items()},
-            }
-        super().load_state_dict(state_dict)
-
-
-#: the checkpoint before ``last.ckpt``, kept (see ``LastCheckpoint._save_checkpoint``)
-PREVIOUS_LAST = "last.prev.ckpt"
-
-
-class LastCheckpoint(RunFolderCheckpoint):
-    """``last.ckpt`` after every validation and at the end of training, whether or not the monitored
-    metric improved (Lightning's ``save_last`` only refreshes it when a best checkpoint is written)."""
-
-    state_name = "LastCheckpoint"
-
-    def __init__(self, dirpath: Path) -> None:
-        super().__init__(dirpath=dirpath, filename="last", monitor=None, save_top_k=1, enable_version_counter=False)
-
-    def on_train_end(self, trainer: L.Trainer, pl_module: L.LightningModule) -> None:
-        if self._last_global_step_saved != trainer.global_step:
-            self._save_checkpoint(trainer, self.format_checkpoint_name({}))
-            self._last_global_step_saved = trainer.global_step
-
-    def _save_checkpoint(self, trainer: L.Trainer, filepath: str) -> None:
-        """The previous ``last.ckpt`` becomes ``last.prev.ckpt`` first: a crash while writing the new one
-        leaves a checkpoint to resume from (``--ckpt_path runs/<EXP>/last.prev.ckpt``)."""
-        path = Path(filepath)
-        if trainer.is_global_zero and path.is_file():
-            path.replace(path.with_name(PREVIOUS_LAST))
-        super()._save_checkpoint(trainer, filepath)
 
 
 class DistillCLI(LightningCLI):
@@ -281,7 +230,9 @@ class DistillCLI(LightningCLI):
                     enable_version_counter=False,
                 ),
                 LastCheckpoint(self.run_dir),
+                RunRecord(self._run_id()),
             ]
+            kwargs["plugins"] = [*(trainer_config.get("plugins") or []), AtomicCheckpointIO()]
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = self._loggers()
                 callbacks.append(LearningRateMonitor(logging_interval="step"))
@@ -291,12 +242,19 @@ class DistillCLI(LightningCLI):
             self.save_config_callback = None
         return super().instantiate_trainer(**kwargs)
 
+    def _run_id(self) -> str:
+        """The folder's run id when resuming, else a new one (written by ``before_fit`` once every check
+        has passed). It is the W&B run id too, so a resume continues the same W&B run."""
+        if getattr(self, "run_id", None) is None:
+            id_file = self.run_dir / RUN_ID_FILE
+            if self.config[self.subcommand].ckpt_path and id_file.is_file():
+                self.run_id = id_file.read_text().strip()
+            else:
+                self.run_id = self._new_run_id = uuid.uuid4().hex[:12]
+        return self.run_id
+
     def _loggers(self) -> list[Any]:
-        id_file = self.run_dir / "wandb_id"
-        if self.config[self.subcommand].ckpt_path and id_file.is_file():
-            run_id = id_file.read_text().strip()
-        else:  # written by before_fit, once every check has passed
-            run_id = self._new_wandb_id = uuid.uuid4().hex[:12]
+        run_id = self._run_id()
         experiment = self.run_dir.name
         role = "distill" if self.model.terms else ("teacher" if "teacher" in experiment else "student")
         methods = sorted({type(term.loss).__name__ for term in self.model.terms})
@@ -319,27 +277,82 @@ class DistillCLI(LightningCLI):
         does a fresh run's folder start (its W&B id)."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
         if ckpt_path:
-            others = self._checkpoints(but=ckpt_path)
-            way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one>)" if others else ""
-            try:
-                checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
-                teacher_utils.check_fingerprint(checkpoint, self.model.teacher_fingerprint)
-            except ValueError as error:
-                raise RunError(f"{error}{way_out}. Nothing in {self.run_dir} was changed.") from None
-            step, max_steps = int(checkpoint.get("global_step", 0)), self.trainer.max_steps
-            if 0 < max_steps <= step:  # Lightning would restore it, do nothing, and still rewrite the record
-                raise RunError(
-                    f"{ckpt_path} is at step {step}: the run already finished (trainer.max_steps = {max_steps}); "
-                    f"nothing was changed in {self.run_dir}. To train longer, start a new run with a longer "
-                    "schedule (--experiment <new name>); a larger --trainer.max_steps here would continue past the "
-                    "end of its learning-rate schedule."
-                )
-            for logger in self.trainer.loggers:  # rows logged after this checkpoint are logged again
-                if isinstance(logger, AppendingCSVLogger):
-                    logger.discard_from(step)
-        if getattr(self, "_new_wandb_id", None):
+            self._check_resume(ckpt_path)
+        self._check_data()
+        if getattr(self, "_new_run_id", None) and self.trainer.is_global_zero:
             self.run_dir.mkdir(parents=True, exist_ok=True)
-            (self.run_dir / "wandb_id").write_text(self._new_wandb_id + "\n")
+            (self.run_dir / RUN_ID_FILE).write_text(self._new_run_id + "\n")
+
+    def before_validate(self) -> None:
+        self._check_data()
+
+    def _check_data(self) -> None:
+        """Prepare and read the data now, before any logger or callback writes into the run folder: a
+        missing file, a broken image or an empty split ends the command with one line, and a fresh run's
+        folder stays empty (so the same command works once the data is fixed). Lightning's own call of
+        ``setup`` later finds the datasets built."""
+        data = getattr(self, "datamodule", None)
+        if data is None:
+            return
+        stage = "fit" if self.subcommand == "fit" else "validate"
+        try:
+            data.prepare_data()
+            data.setup(stage)
+        except (ValueError, FileNotFoundError) as error:
+            if os.environ.get("CWD_LIGHTNING_TRACEBACK"):
+                raise
+            raise RunError(f"{error} (nothing was written to {self.run_dir})") from None
+
+    def _check_resume(self, ckpt_path: str) -> None:
+        """Refuse, before anything is written: a damaged or foreign checkpoint, another teacher, a checkpoint
+        of another run than the folder's, a finished run, a one-cycle schedule of another length."""
+        others = self._checkpoints(but=ckpt_path)
+        way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one>)" if others else ""
+        try:
+            checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
+            teacher_utils.check_fingerprint(checkpoint, self.model.teacher_fingerprint)
+        except ValueError as error:
+            raise RunError(f"{error}{way_out}. Nothing in {self.run_dir} was changed.") from None
+        step, max_steps = int(checkpoint.get("global_step", 0)), self.trainer.max_steps
+        if 0 < max_steps <= step:  # Lightning would restore it, do nothing, and still rewrite the record
+            raise RunError(
+                f"{ckpt_path} is at step {step}: the run already finished (trainer.max_steps = {max_steps}); "
+                f"nothing was changed in {self.run_dir}. To train longer, start a new run with a longer "
+                "schedule (--experiment <new name>); a larger --trainer.max_steps here would continue past the "
+                "end of its learning-rate schedule."
+            )
+        self._check_same_run(ckpt_path, checkpoint.get("run_id"))
+        schedules = checkpoint.get("lr_schedulers") or [{}]
+        total = schedules[0].get("total_steps")  # OneCycleLR's fixed length; other schedules have none
+        if total is not None and max_steps > 0 and total != max_steps:
+            raise RunError(
+                f"{ckpt_path} was trained with a one-cycle schedule of {total} steps but trainer.max_steps is "
+                f"{max_steps}: the schedule cannot change length mid-run (keep --trainer.max_steps {total}, or "
+                "start a new run). Nothing was changed."
+            )
+        for logger in self.trainer.loggers:  # rows logged after this checkpoint are logged again
+            if isinstance(logger, AppendingCSVLogger) and self.trainer.is_global_zero:
+                logger.discard_from(step)
+
+    def _check_same_run(self, ckpt_path: str, checkpoint_run: str | None) -> None:
+        """A run folder holds one run: resuming a checkpoint of another run into it would mix their
+        checkpoints, metrics and W&B records."""
+        id_file = self.run_dir / RUN_ID_FILE
+        folder_run = id_file.read_text().strip() if id_file.is_file() else None
+        if folder_run is not None and checkpoint_run is not None and folder_run != checkpoint_run:
+            raise RunError(
+                f"{ckpt_path} belongs to run {checkpoint_run} but {self.run_dir} holds run {folder_run} "
+                f"({id_file}): resume it in its own folder (--experiment <its name>), or copy the checkpoint "
+                "into an empty folder to continue it there. Nothing was changed."
+            )
+        inside = Path(ckpt_path).resolve().parent == self.run_dir.resolve()
+        held = [p.name for p in self.run_dir.iterdir()] if self.run_dir.is_dir() else []
+        if folder_run is None and held and not inside:
+            raise RunError(
+                f"{self.run_dir} holds files of an unknown run ({', '.join(sorted(held)[:4])}, no {RUN_ID_FILE}): "
+                f"resuming {ckpt_path} into it would mix two runs; use an empty folder (--experiment <new name>). "
+                "Nothing was changed."
+            )
 
     def after_fit(self) -> None:
         checkpoint = self.trainer.checkpoint_callback  # the first ModelCheckpoint: best by the task metric

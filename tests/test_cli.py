@@ -258,7 +258,7 @@ def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path):
 def test_a_moved_run_folder_keeps_its_best_score(tmp_path):
     """Lightning forgets the best score when the checkpoint's folder changed, so the next validation,
     however worse, replaced best.ckpt of a moved run."""
-    from cwd_lightning.cli import RunFolderCheckpoint
+    from cwd_lightning.run_folder import RunFolderCheckpoint
 
     def callback(folder):
         return RunFolderCheckpoint(dirpath=folder, filename="best", monitor="val/mIoU", mode="max", save_top_k=1,

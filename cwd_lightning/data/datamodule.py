@@ -8,9 +8,11 @@ from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cwd_lightning.data import readers
 from cwd_lightning.data.preflight import check_samples
+from cwd_lightning.data.resumable import resumable_train_loader
 from cwd_lightning.data.shapes import ShapesSpec, generate_shapes
 from cwd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transforms, train_transforms
 
@@ -67,22 +69,18 @@ class SegmentationDataModule(L.LightningDataModule):
         return readers.SegmentationFiles(pairs, self.num_classes, transforms, label_lut=lut)
 
     def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
+        # the CLI sets up the data before the run starts (to check it) and Lightning again: build once
+        if stage in (None, "fit") and not hasattr(self, "train_set"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
             check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
             check_samples(self.train_set.pairs, self.train_set.load, f"{self.root} split {self.train_split!r}")
+        if hasattr(self, "val_set"):
+            return
         self.val_set = self._dataset(self.val_split, self.eval_tf)
         check_samples(self.val_set.pairs, self.val_set.load, f"{self.root} split {self.val_split!r}")
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(
-            self.train_set,
-            batch_size=self.batch_size,
-            shuffle=True,
-            drop_last=True,
-            num_workers=self.num_workers,
-            persistent_workers=self.num_workers > 0,
-        )
+    def train_dataloader(self) -> StatefulDataLoader:
+        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)

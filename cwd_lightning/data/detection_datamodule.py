@@ -8,6 +8,7 @@ from typing import Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
+from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cwd_lightning.data.datamodule import check_enough_for_a_batch
 from cwd_lightning.data.detection import (
@@ -19,6 +20,7 @@ from cwd_lightning.data.detection import (
     voc_to_coco,
 )
 from cwd_lightning.data.preflight import check_samples
+from cwd_lightning.data.resumable import resumable_train_loader
 from cwd_lightning.data.shapes import SHAPES_CLASSES, ShapesSpec, generate_shapes
 
 COCO_HINT = (
@@ -82,20 +84,21 @@ class DetectionDataModule(L.LightningDataModule):
         return dataset
 
     def setup(self, stage: str | None = None) -> None:
-        if stage in (None, "fit"):
+        # the CLI sets up the data before the run starts (to check it) and Lightning again: build once
+        if stage in (None, "fit") and not hasattr(self, "train_set"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
             check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
             check_samples([[s.path] for s in self.train_set.samples], self.train_set.load,
                           f"{self.root} split {self.train_split!r}")  # fmt: skip
+        if hasattr(self, "val_set"):
+            return
         self.val_set = self._dataset(self.val_split, self.eval_tf, evaluation=True)
         check_samples(
             [[s.path] for s in self.val_set.samples], self.val_set.load, f"{self.root} split {self.val_split!r}"
         )
 
-    def train_dataloader(self) -> DataLoader:
-        return DataLoader(self.train_set, batch_size=self.batch_size, shuffle=True, drop_last=True,
-                          num_workers=self.num_workers, collate_fn=collate_detection,
-                          persistent_workers=self.num_workers > 0)  # fmt: skip
+    def train_dataloader(self) -> StatefulDataLoader:
+        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, collate_detection)
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers,
