@@ -7,6 +7,7 @@ kept in ``wandb_id`` so that a resume continues the same W&B run.
 
 from __future__ import annotations
 
+import difflib
 import json
 import os
 import re
@@ -21,6 +22,7 @@ from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
+from cwd_lightning.config_errors import SuggestingParser
 from cwd_lightning.csv_log import AppendingCSVLogger
 from cwd_lightning.distill import teacher as teacher_utils
 from cwd_lightning.distill.module import DistillationModule
@@ -87,6 +89,7 @@ class DistillCLI(LightningCLI):
             save_config_kwargs={"overwrite": True},
             trainer_defaults={"log_every_n_steps": 10},
             seed_everything_default=0,
+            parser_class=SuggestingParser,  # one-line errors naming the closest valid key; no abbreviations
             parser_kwargs={"parser_mode": "yaml_paths"},  # YAML, with "[out]" kept a path
             # model.optimizer is the one route: a top-level --optimizer/--lr_scheduler is refused by the
             # parser instead of silently replacing the module's optimiser and schedule
@@ -171,7 +174,7 @@ class DistillCLI(LightningCLI):
         except (ValueError, FileNotFoundError) as error:  # a bad setting or a missing file: one line, no traceback
             if os.environ.get("CWD_LIGHTNING_TRACEBACK"):
                 raise
-            raise RunError(f"{error} (CWD_LIGHTNING_TRACEBACK=1 shows where)") from None
+            raise RunError(f"{innermost_error(str(error))} (CWD_LIGHTNING_TRACEBACK=1 shows where)") from None
         finally:
             for init_args, key, value in changed:
                 init_args[key] = value
@@ -298,7 +301,7 @@ class DistillCLI(LightningCLI):
         try:
             data.prepare_data()
             data.setup(stage)
-        except (ValueError, FileNotFoundError) as error:
+        except (ValueError, FileNotFoundError, FileExistsError) as error:
             if os.environ.get("CWD_LIGHTNING_TRACEBACK"):
                 raise
             raise RunError(f"{error} (nothing was written to {self.run_dir})") from None
@@ -377,6 +380,16 @@ class DistillCLI(LightningCLI):
                 logger.experiment.finish()  # flush the offline record and its summary now, not at exit
 
 
+def innermost_error(message: str) -> str:
+    """The error itself out of jsonargparse's account of a union it could not build ("Does not validate
+    against any of the Union subtypes ... Errors: - <ours> - Expected a <class 'NoneType'> ...")."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    reasons = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
+    reasons = [reason for reason in reasons if not reason.startswith("Expected a")]
+    return reasons[0] if reasons else message
+
+
 _TERM_OVERRIDE = re.compile(
     r"^--model\.terms(?:\.(?P<name>\w+)|\[(?P<index>\d+)\])\.(?P<key>[\w.]+?)(?:=(?P<value>.*))?$"
 )
@@ -418,7 +431,11 @@ def apply_term_overrides(terms: list[Any] | None, overrides: list[tuple[str, str
             )
         if key not in term:
             fields = sorted(term.keys())
-            raise RunError(f"--model.terms.{selector}.{key}: term {term['name']!r} has no {key!r}; it has {fields}")
+            close = difflib.get_close_matches(key, fields, n=2, cutoff=0.6)
+            hint = f"did you mean {' or '.join(repr(c) for c in close)}? " if close else ""
+            raise RunError(
+                f"--model.terms.{selector}.{key}: term {term['name']!r} has no {key!r} ({hint}it has {fields})"
+            )
         value, current = _load_keeping_selectors(text), term[key]
         numbers = (int, float)
         if isinstance(current, numbers) and not isinstance(current, bool) and not isinstance(value, numbers):

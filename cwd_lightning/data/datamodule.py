@@ -40,6 +40,7 @@ class SegmentationDataModule(L.LightningDataModule):
         std: tuple[float, float, float] = IMAGENET_STD,
         shapes: ShapesSpec | None = None,
         download: bool = False,
+        on_bad_sample: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         # checkpoints must load with weights_only=True: keep hyperparameters to plain types
@@ -51,6 +52,8 @@ class SegmentationDataModule(L.LightningDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.shapes, self.download = shapes, download
+        self.on_bad_sample = on_bad_sample
+        self.skipped_samples: dict[str, int] = {}  # split → samples left out (on_bad_sample: skip), logged
         self.train_tf = train_transforms(crop_size, base_size, scale_range, mean, std)
         self.eval_tf = eval_transforms(val_resize, mean, std)
 
@@ -72,12 +75,18 @@ class SegmentationDataModule(L.LightningDataModule):
         # the CLI sets up the data before the run starts (to check it) and Lightning again: build once
         if stage in (None, "fit") and not hasattr(self, "train_set"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
+            self._keep_readable(self.train_set, self.train_split)
             check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
-            check_samples(self.train_set.pairs, self.train_set.load, f"{self.root} split {self.train_split!r}")
         if hasattr(self, "val_set"):
             return
         self.val_set = self._dataset(self.val_split, self.eval_tf)
-        check_samples(self.val_set.pairs, self.val_set.load, f"{self.root} split {self.val_split!r}")
+        self._keep_readable(self.val_set, self.val_split)
+
+    def _keep_readable(self, dataset: readers.SegmentationFiles, split: str) -> None:
+        bad = check_samples(dataset.pairs, dataset.load, f"{self.root} split {split!r}",
+                            skip=self.on_bad_sample == "skip")  # fmt: skip
+        self.skipped_samples[split] = len(bad)
+        dataset.pairs = [pair for index, pair in enumerate(dataset.pairs) if index not in set(bad)]
 
     def train_dataloader(self) -> StatefulDataLoader:
         return resumable_train_loader(self.train_set, self.batch_size, self.num_workers)

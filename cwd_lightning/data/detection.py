@@ -63,7 +63,14 @@ def _sample(sample: Sample) -> tuple[Any, Target]:
 
 
 def _keep_box(box: list[float], where: str, dropped: list[str]) -> bool:
+    """False for a degenerate box (zero width or height: dropped, counted, warned about); a box of negative
+    width or height is an error in the annotation (swapped corners, or x/y/w/h read as x0/y0/x1/y1)."""
     x0, y0, x1, y1 = box
+    if x1 < x0 or y1 < y0:
+        raise ValueError(
+            f"{where}: box {[round(v, 2) for v in box]} (x0, y0, x1, y1) has negative width or height "
+            f"({x1 - x0:g} × {y1 - y0:g}): fix the annotation"
+        )
     if x1 <= x0 or y1 <= y0:
         dropped.append(f"{where} {[round(v, 2) for v in box]}")
         return False
@@ -143,7 +150,9 @@ class CocoDetection(_BoxDataset):
                                      f"category_id {annotation['category_id']}")  # fmt: skip
                 x, y, w, h = annotation["bbox"]
                 box = [x, y, x + w, y + h]
-                if not evaluation and (annotation.get("iscrowd", 0) or not _keep_box(box, image["file_name"], dropped)):
+                where = f"{self.annotation_file}: annotation {annotation.get('id')} of {image['file_name']}"
+                keep = _keep_box(box, where, [] if evaluation else dropped)  # evaluation keeps degenerate ones
+                if not evaluation and (annotation.get("iscrowd", 0) or not keep):
                     continue
                 sample.boxes.append(box)
                 sample.labels.append(self.label_of[annotation["category_id"]])
@@ -191,7 +200,7 @@ class VocXmlDetection(_BoxDataset):
                 box = obj.find("bndbox")
                 x0, y0, x1, y1 = (float(box.findtext(k)) for k in ("xmin", "ymin", "xmax", "ymax"))
                 box = [x0 - 1, y0 - 1, x1, y1]  # VOC pixel indices are inclusive and 1-based
-                if _keep_box(box, xml_path.name, dropped):
+                if _keep_box(box, f"{xml_path}: object {label!r}", dropped):
                     boxes.append(box)
                     labels.append(label_of[label])
             self.samples.append(Sample(self.root / "JPEGImages" / f"{name}.jpg", boxes, labels, len(self.samples)))

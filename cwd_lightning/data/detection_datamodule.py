@@ -49,6 +49,7 @@ class DetectionDataModule(L.LightningDataModule):
         val_batch_size: int = 8,
         num_workers: int = 4,
         shapes: ShapesSpec | None = None,
+        on_bad_sample: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["shapes"])  # plain types only: checkpoints load with weights_only
@@ -57,6 +58,8 @@ class DetectionDataModule(L.LightningDataModule):
         self.train_split, self.val_split, self.image_dir = train_split, val_split, image_dir
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.shapes = shapes
+        self.on_bad_sample = on_bad_sample
+        self.skipped_samples: dict[str, int] = {}  # split → samples left out (on_bad_sample: skip), logged
         self.train_tf = detection_train_transforms(image_size, scale_range, crop)
         self.eval_tf = detection_eval_transforms()
 
@@ -87,15 +90,18 @@ class DetectionDataModule(L.LightningDataModule):
         # the CLI sets up the data before the run starts (to check it) and Lightning again: build once
         if stage in (None, "fit") and not hasattr(self, "train_set"):
             self.train_set = self._dataset(self.train_split, self.train_tf)
+            self._keep_readable(self.train_set, self.train_split)
             check_enough_for_a_batch(len(self.train_set), self.batch_size, self.train_split)
-            check_samples([[s.path] for s in self.train_set.samples], self.train_set.load,
-                          f"{self.root} split {self.train_split!r}")  # fmt: skip
         if hasattr(self, "val_set"):
             return
         self.val_set = self._dataset(self.val_split, self.eval_tf, evaluation=True)
-        check_samples(
-            [[s.path] for s in self.val_set.samples], self.val_set.load, f"{self.root} split {self.val_split!r}"
-        )
+        self._keep_readable(self.val_set, self.val_split)
+
+    def _keep_readable(self, dataset, split: str) -> None:
+        bad = check_samples([[s.path] for s in dataset.samples], dataset.load, f"{self.root} split {split!r}",
+                            skip=self.on_bad_sample == "skip")  # fmt: skip
+        self.skipped_samples[split] = len(bad)
+        dataset.samples = [sample for index, sample in enumerate(dataset.samples) if index not in set(bad)]
 
     def train_dataloader(self) -> StatefulDataLoader:
         return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, collate_detection)

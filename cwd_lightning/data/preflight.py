@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
@@ -47,18 +48,18 @@ def _write_cache(path: Path, good: set[str]) -> None:
 
 
 def check_samples(files: Sequence[Sequence[Path]], load: Callable[[int], object], what: str,
-                  cache: Path | None = None) -> None:  # fmt: skip
+                  cache: Path | None = None, skip: bool = False) -> list[int]:  # fmt: skip
     """``load(i)`` every sample whose ``files[i]`` changed since it last passed; raise one error that
-    lists every failure (file and reason)."""
+    lists every failure (file and reason), or with ``skip`` warn and return the failed indices."""
     cache = cache or cache_file()
     known = _read_cache(cache)
     stamps: dict[int, str] = {}
-    missing: list[str] = []
+    missing: dict[int, str] = {}
     for index, paths in enumerate(files):
         try:
             stamps[index] = _stamp(paths)
         except OSError as error:
-            missing.append(f"{error.filename}: {error.strerror}")
+            missing[index] = f"{error.filename}: {error.strerror}"
     pending = [index for index, stamp in stamps.items() if stamp not in known]
 
     def check(index: int) -> str | None:
@@ -72,10 +73,19 @@ def check_samples(files: Sequence[Sequence[Path]], load: Callable[[int], object]
         progress = tqdm(pool.map(check, pending), total=len(pending), desc=f"checking {what}", unit="sample",
                         disable=len(pending) < 500)  # fmt: skip
         results = list(progress)
-    bad = missing + [failure for failure in results if failure is not None]
+    failed = {**missing, **{index: failure for index, failure in zip(pending, results, strict=True) if failure}}
+    bad = list(failed.values())
     good = known | {stamps[index] for index, failure in zip(pending, results, strict=True) if failure is None}
     if len(good) != len(known):
         _write_cache(cache, good)
-    if bad:
-        shown = "\n  ".join(bad[:20]) + (f"\n  … and {len(bad) - 20} more" if len(bad) > 20 else "")
-        raise ValueError(f"{what}: {len(bad)} of {len(files)} sample(s) cannot be used:\n  {shown}")
+    if not bad:
+        return []
+    shown = "\n  ".join(bad[:20]) + (f"\n  … and {len(bad) - 20} more" if len(bad) > 20 else "")
+    if skip and len(bad) < len(files):
+        warnings.warn(f"{what}: skipping {len(bad)} of {len(files)} sample(s) (on_bad_sample: skip):\n  {shown}",
+                      stacklevel=2)  # fmt: skip
+        return sorted(failed)
+    raise ValueError(
+        f"{what}: {len(bad)} of {len(files)} sample(s) cannot be used (data.init_args.on_bad_sample: skip trains "
+        f"without them):\n  {shown}"
+    )

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import warnings
-from typing import Any
+from typing import Any, Literal
 
 import lightning as L
 import torch
@@ -44,6 +44,7 @@ class DistillationModule(L.LightningModule):
         lr_schedule: Schedule = "poly",
         poly_power: float = 0.9,
         warmup_steps: int = 0,
+        on_non_finite: Literal["error", "skip"] = "error",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["task", "student", "teacher", "terms", "optimizer"])
@@ -54,9 +55,14 @@ class DistillationModule(L.LightningModule):
         self.lr_schedule = lr_schedule
         self.poly_power = poly_power
         self.warmup_steps = warmup_steps
+        if on_non_finite not in ("error", "skip"):
+            raise ValueError(f"model.on_non_finite must be 'error' or 'skip', got {on_non_finite!r}")
+        self.on_non_finite = on_non_finite
+        self.skipped_steps = 0  # steps whose loss was not finite, skipped (on_non_finite: skip); checkpointed
 
         if self.terms and teacher is None:
             raise ValueError("model.terms are set but model.teacher is not: distillation needs a teacher")
+        check_class_counts(task, student, teacher)  # before loading weights into a head of another size
         pretrained = getattr(teacher, "pretrained_source", None)  # set by the zoo builders (models/zoo.py)
         if teacher is not None and teacher_checkpoint is None and pretrained is None:
             raise ValueError(
@@ -129,17 +135,52 @@ class DistillationModule(L.LightningModule):
         logs.update({f"train/auxiliary/{name}": value.detach() for name, value in auxiliary.items()})
         self.log_dict(logs, batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
-        if not all(torch.isfinite(value) for value in (loss, *auxiliary.values())):
-            bad = [name for name, value in logs.items() if not torch.isfinite(value).all()]
-            raise FloatingPointError(
-                f"non-finite loss at step {self.global_step} in {', '.join(bad)} (task = train/loss_task, "
-                f"a distillation term = train/distill/<term>): { ({k: float(v) for k, v in logs.items()}) }. "
-                "Stopped before this step's update; the checkpoints hold the last validated state."
-            )
+        if not self._finite_step(logs, (loss, *auxiliary.values())):
+            return None  # skipped (on_non_finite: skip): no backward, no update
         if self.automatic_optimization:
             return loss
         self._manual_update(loss, auxiliary)
         return None
+
+    def _finite_step(self, logs: dict[str, Tensor], losses: tuple[Tensor, ...]) -> bool:
+        """False when this step is to be skipped. Under DDP nothing is checked here: a host sync every step
+        would stall the ranks, and a rank raising alone would leave the others waiting in the next
+        all-reduce; a non-finite loss there reaches the weights of every rank, which are checked on every
+        rank together before each validation and checkpoint."""
+        if self.trainer.world_size > 1 or all(bool(torch.isfinite(value)) for value in losses):
+            return True
+        bad = [name for name, value in logs.items() if not torch.isfinite(value).all()]
+        if self.on_non_finite == "skip":
+            self.skipped_steps += 1
+            self.log("train/skipped_steps", float(self.skipped_steps))
+            warnings.warn(f"non-finite loss at step {self.global_step} in {', '.join(bad)}: step skipped "
+                          f"({self.skipped_steps} so far, model.on_non_finite: skip)", stacklevel=2)  # fmt: skip
+            return False
+        raise FloatingPointError(
+            f"non-finite loss at step {self.global_step} in {', '.join(bad)} (task = train/loss_task, "
+            f"a distillation term = train/distill/<term>): { ({k: float(v) for k, v in logs.items()}) }. "
+            "Stopped before this step's update; the checkpoints hold the last validated state "
+            "(model.on_non_finite: skip skips such steps instead)."
+        )
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Gradients that overflowed although the loss is finite stop the run here, before they reach the
+        weights (not under DDP: see ``_finite_step``; not under a 16-bit grad scaler, which skips them)."""
+        if self.trainer.world_size > 1 or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        named = [(n, p.grad) for group in optimizer.param_groups for n, p in self._named(group["params"])]
+        named = [(n, g) for n, g in named if g is not None]
+        if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+            return
+        bad = [n for n, g in named if not torch.isfinite(g).all()]
+        raise FloatingPointError(
+            f"non-finite gradients at step {self.global_step} (finite loss): {', '.join(bad[:5])}"
+            f"{f' (+{len(bad) - 5} more)' if len(bad) > 5 else ''}. Stopped before the update."
+        )
+
+    def _named(self, parameters: list[Tensor]) -> list[tuple[str, Tensor]]:
+        names = {id(p): n for n, p in self.named_parameters()}
+        return [(names.get(id(p), "?"), p) for p in parameters]
 
     def _manual_update(self, loss: Tensor, auxiliary: dict[str, Tensor]) -> None:
         """One student update, then one update of each loss's own optimiser on its auxiliary loss. The
@@ -219,12 +260,35 @@ class DistillationModule(L.LightningModule):
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self._refuse_non_finite_state("before writing a checkpoint")
         teacher_utils.strip_from_checkpoint(checkpoint)
+        checkpoint["skipped_steps"] = self.skipped_steps
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
+        self.skipped_steps = int(checkpoint.get("skipped_steps", 0))
         teacher_utils.restore_into_checkpoint(checkpoint, self.teacher, self.teacher_fingerprint)
         if self.distiller is not None:
             self.distiller.rename_legacy_keys(checkpoint["state_dict"])
 
     def on_fit_start(self) -> None:
+        if self.on_non_finite == "skip" and self.trainer.world_size > 1:
+            raise ValueError("model.on_non_finite: skip is not supported under DDP (the ranks would have to agree "
+                             "on every step); use error")  # fmt: skip
+        skipped = getattr(self.trainer.datamodule, "skipped_samples", None) or {}
         for logger in self.loggers:
             logger.log_hyperparams(parameter_counts(self))
+            if skipped:  # on_bad_sample: skip — how many samples of each split the run does without
+                logger.log_metrics({f"data/skipped_samples/{split}": n for split, n in skipped.items()}, step=0)
+
+
+def check_class_counts(task: Task, student: nn.Module, teacher: nn.Module | None) -> None:
+    """The student and the teacher predict the task's classes: else the task loss fails at the first step
+    (a label the student has no output for) or the logits terms compare different classes."""
+    expected = getattr(task, "num_classes", None)
+    if expected is None:
+        return
+    for key, model in (("model.student", student), ("model.teacher", teacher)):
+        classes = task.output_classes(model) if model is not None else None
+        if classes is not None and classes != expected:
+            raise ValueError(
+                f"{key} predicts {classes} classes but model.task.init_args.num_classes is {expected}: make them "
+                f"agree (for the builders here: {key}.init_args.num_classes)"
+            )

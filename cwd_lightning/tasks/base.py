@@ -52,5 +52,9 @@ class Task(nn.Module):
         """The first ``count`` samples of a batch, as a batch (monitors keep a few to look at)."""
         raise NotImplementedError
 
+    def output_classes(self, model: nn.Module) -> int | None:
+        """How many classes ``model`` predicts, counted as ``num_classes`` counts them; None if unknown."""
+        return None
+
     def batch_size(self, batch: Any) -> int:
         return len(self.batch_inputs(batch))

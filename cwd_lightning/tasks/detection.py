@@ -199,6 +199,15 @@ class DetectionTask(Task):
             model.head(list(features.values()))
         return features
 
+    def output_classes(self, model: nn.Module) -> int | None:
+        """Foreground classes of a torchvision detector (its heads count the background too)."""
+        head = getattr(getattr(model, "head", None), "classification_head", None)  # RetinaNet, FCOS
+        if head is not None and hasattr(head, "num_classes"):
+            return head.num_classes - 1
+        predictor = getattr(getattr(model, "roi_heads", None), "box_predictor", None)  # Faster R-CNN
+        score = getattr(predictor, "cls_score", None)
+        return score.out_features - 1 if isinstance(score, nn.Linear) else None
+
     def batch_inputs(self, batch: tuple[Images, Targets]) -> Images:
         return batch[0]
 

@@ -100,6 +100,15 @@ class SegmentationTask(Task):
     def example_input(self) -> Tensor:
         return torch.zeros(2, 3, self.example_size, self.example_size)
 
+    def output_classes(self, model: nn.Module) -> int | None:
+        training = model.training
+        model.eval()  # no BatchNorm statistics moved by this probe
+        try:
+            with torch.no_grad():
+                return main_logits(model(self.example_input())).shape[1]
+        finally:
+            model.train(training)
+
     def batch_inputs(self, batch: tuple[Tensor, Tensor]) -> Tensor:
         return batch[0]
 

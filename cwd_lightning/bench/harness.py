@@ -1,0 +1,199 @@
+"""One benchmark run: build the experiment, time and measure the three steps, the losses and the peer,
+and assemble the JSON record (``run_benchmark``)."""
+
+from __future__ import annotations
+
+import gc
+import json
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from cwd_lightning.bench import environment, peer
+from cwd_lightning.bench.build import build_experiment
+from cwd_lightning.bench.losses import CWD_TAU, PAPER_CASES, benchmark_losses
+from cwd_lightning.bench.memory import PeakMemory, module_bytes
+from cwd_lightning.bench.steps import (
+    Precision,
+    distillation_step,
+    release_gradients,
+    student_only_step,
+    teacher_forward_step,
+)
+from cwd_lightning.bench.timing import Timing, time_step
+
+#: the issue's targets
+OVERHEAD_TARGET_PERCENT = 5.0
+MEMORY_TARGET_RATIO = 1.10
+REFERENCE_TARGET_RATIO = 1.0
+REPOSITORY = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Options:
+    experiment: Path
+    repeats: int = 20
+    warmup: int = 3
+    out: Path = Path("benchmarks")
+    device: str = "auto"
+    precision: Precision = "32"
+    skip_peer: bool = False
+    skip_losses: bool = False
+    loss_scale: float = 1.0
+    extra_args: list[str] = field(default_factory=list)
+
+
+def resolve_device(choice: str) -> torch.device:
+    if choice == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if choice == "cuda" and not torch.cuda.is_available():
+        raise SystemExit("error: --device cuda but torch sees no CUDA device")
+    if choice not in ("cpu", "cuda"):
+        raise SystemExit(f"error: --device must be auto, cpu or cuda, got {choice!r}")
+    return torch.device(choice)
+
+
+def measure_phase(
+    make_step: Callable[[], Callable[[], Any]], options: Options, device: torch.device, memory: PeakMemory
+) -> tuple[Timing, dict[str, int]]:
+    """Time a step and take the peak memory over its warm-up and repeats; the memory in use when the
+    phase starts is kept too (the step's own share is peak − start)."""
+    gc.collect()
+    start = memory.current()
+    memory.reset()
+    step = make_step()
+    timing = time_step(step, options.repeats, options.warmup, device)
+    peak = memory.peak()
+    del step  # its optimiser state goes with it
+    gc.collect()
+    return timing, {"peak_bytes": peak, "start_bytes": start}
+
+
+def images_in(batch: Any, module: Any) -> tuple[int, list[int]]:
+    """Batch size and the C×H×W of one input image."""
+    inputs = module.task.batch_inputs(batch)
+    first = inputs[0]
+    return module.task.batch_size(batch), list(first.shape)
+
+
+def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
+    """Run every measurement; write ``<out>/<experiment>-<hardware>.json``; return the record and its path."""
+    device = resolve_device(options.device)
+    if options.precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise SystemExit("error: --precision bf16-mixed but this GPU has no bf16 support")
+    built = build_experiment(options.experiment, options.extra_args, device)
+    module, batch = built.module, built.batch
+    if module.teacher is None or module.distiller is None:
+        raise SystemExit(
+            f"error: {options.experiment} has no teacher and terms: nothing to compare (a *_cwd experiment)"
+        )
+    batch_size, input_size = images_in(batch, module)
+    memory = PeakMemory(device)
+    teacher_bytes = module_bytes(module.teacher)
+
+    # (a) the student alone; on a GPU the teacher leaves the device meanwhile, so the peak is the student's own
+    if device.type == "cuda":
+        module.teacher.to("cpu")
+    student_timing, student_memory = measure_phase(
+        lambda: student_only_step(module, batch, options.precision), options, device, memory
+    )
+    module.teacher.to(device)
+    release_gradients(module)
+    # (b) the teacher's forward alone
+    teacher_timing = time_step(
+        teacher_forward_step(module, batch, options.precision), options.repeats, options.warmup, device
+    )
+    # (c) the full distillation step, through DistillationModule._losses
+    distill_timing, distill_memory = measure_phase(
+        lambda: distillation_step(module, batch, options.precision), options, device, memory
+    )
+    release_gradients(module)
+
+    overhead_ms = distill_timing.median_ms - student_timing.median_ms - teacher_timing.median_ms
+    overhead_percent = 100.0 * overhead_ms / distill_timing.median_ms
+    memory_ratio = distill_memory["peak_bytes"] / (student_memory["peak_bytes"] + teacher_bytes)
+
+    if options.skip_losses:
+        losses: dict[str, Any] = {"skipped": "--skip-losses"}
+        reference: list[dict[str, Any]] = []
+    else:
+        cases = tuple(case.scaled(options.loss_scale) for case in PAPER_CASES)
+        rows, reference = benchmark_losses(cases, options.repeats, options.warmup, device)
+        losses = {
+            "what": "ms per forward + backward on random maps; own modules built from the shapes; random labels",
+            "scale": options.loss_scale,
+            "cases": [{"name": case.name, "kind": case.kind, "shape": list(case.shape)} for case in cases],
+            "rows": rows,
+        }
+    peer_result = (
+        {"skipped": "--skip-peer"}
+        if options.skip_peer
+        else peer.compare(module, batch, options.repeats, options.warmup, options.precision, distill_timing.median_ms)
+    )
+
+    description = environment.hardware(device)
+    record = {
+        "experiment": options.experiment.stem,
+        "config": str(options.experiment),
+        "extra_args": options.extra_args,
+        "hardware": description,
+        "device": device.type,
+        "versions": environment.versions(),
+        "git": environment.git_commit(REPOSITORY),
+        "precision": options.precision,
+        "batch_size": batch_size,
+        "input_size": input_size,
+        "repeats": options.repeats,
+        "warmup": options.warmup,
+        "teacher_weights": built.teacher_weights,
+        "steps": {
+            "student_only": student_timing.as_dict(images=batch_size),
+            "teacher_forward": teacher_timing.as_dict(images=batch_size),
+            "distillation": distill_timing.as_dict(images=batch_size),
+        },
+        "overhead": {
+            "what": "distillation − student_only − teacher_forward (medians)",
+            "ms": overhead_ms,
+            "percent_of_distillation": overhead_percent,
+        },
+        "memory": {
+            "method": memory.method,
+            "student_only": student_memory,
+            "distillation": distill_memory,
+            "teacher_weight_bytes": teacher_bytes,
+            "ratio": memory_ratio,
+            "what": "distillation peak / (student-only peak + teacher weights); " + memory_note(device),
+        },
+        "losses": losses,
+        "cwd_tau": CWD_TAU,
+        "cwd_vs_reference": reference,
+        "peer": peer_result,
+    }
+    record["targets"] = targets(record)
+    suffix = "" if options.precision == "32" else f"-{options.precision}"
+    path = options.out / f"{record['experiment']}-{environment.slug(description)}{suffix}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
+    return record, path
+
+
+def memory_note(device: torch.device) -> str:
+    if device.type == "cuda":
+        return "the teacher was moved off the GPU during the student-only phase"
+    return "on the CPU both peaks are of the whole process, so both already include the teacher's weights"
+
+
+def targets(record: dict[str, Any]) -> dict[str, Any]:
+    """The issue's acceptance checks as booleans (None where not measured)."""
+    compared = [row for row in record["cwd_vs_reference"] if "ratio" in row]
+    per_case = {row["case"]: row["ratio"] <= REFERENCE_TARGET_RATIO for row in compared}
+    return {
+        "overhead_le_5_percent": record["overhead"]["percent_of_distillation"] <= OVERHEAD_TARGET_PERCENT,
+        "cwd_le_reference": per_case,
+        "cwd_le_reference_all": all(per_case.values()) if per_case else None,
+        "memory_ratio_le_1_10": record["memory"]["ratio"] <= MEMORY_TARGET_RATIO,
+        "torchdistill_loss_equal": record["peer"]["loss_check"]["equal"] if "loss_check" in record["peer"] else None,
+    }

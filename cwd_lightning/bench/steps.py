@@ -1,0 +1,89 @@
+"""The three steps the harness times, each a closure over one fixed batch: the student alone, the
+teacher's forward alone, and the full distillation step through the module's own code path."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
+from typing import Any, Literal
+
+import torch
+
+from cwd_lightning.distill.module import DistillationModule
+
+Precision = Literal["32", "bf16-mixed"]
+Step = Callable[[], Any]
+
+
+def autocast(device: torch.device, precision: Precision) -> AbstractContextManager:
+    """bf16 autocast around the forward passes (losses stay fp32 by their own ``full_precision``), as
+    Lightning's ``bf16-mixed``; nothing for full precision."""
+    if precision == "32":
+        return nullcontext()
+    if precision == "bf16-mixed":
+        return torch.autocast(device_type=device.type, dtype=torch.bfloat16)
+    raise ValueError(f"precision must be '32' or 'bf16-mixed', got {precision!r}")
+
+
+def student_only_step(module: DistillationModule, batch: Any, precision: Precision) -> Step:
+    """Task loss forward + backward + optimiser step of the student alone (the baseline run's step),
+    with the experiment's optimiser over the student's parameters; the teacher is not touched."""
+    module.train()
+    parameters = [p for p in module.student.parameters() if p.requires_grad]
+    optimizer = module.optimizer_factory(parameters)
+
+    def step() -> None:
+        optimizer.zero_grad(set_to_none=True)
+        with autocast(module.device, precision):
+            loss, _ = module.task.training_loss(module.student, batch)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def teacher_forward_step(module: DistillationModule, batch: Any, precision: Precision) -> Step:
+    """The teacher's forward alone: eval mode, ``no_grad``, nothing recorded."""
+    if module.teacher is None:
+        raise ValueError("the experiment has no teacher (model.teacher): there is no distillation step to time")
+    module.train()  # keeps the teacher in eval mode (DistillationModule.train)
+    inputs = module.task.batch_inputs(batch)
+
+    def step() -> None:
+        with torch.no_grad(), autocast(module.device, precision):
+            module.task.run(module.teacher, inputs)
+
+    return step
+
+
+def distillation_step(module: DistillationModule, batch: Any, precision: Precision) -> Step:
+    """One full training step through ``DistillationModule._losses`` (teacher recorded under no_grad,
+    student recorded, every term), then backward and the optimiser step over ``trainable_parameters``;
+    a loss with an optimiser of its own (an adversarial discriminator) then takes its step as in
+    ``_manual_update``. No learning-rate schedule: it costs nothing measurable."""
+    module.train()
+    optimizer = module.optimizer_factory(module.trainable_parameters())
+    pairs = {pair.key: pair for pair in module.distiller.iter_pairs()} if module.distiller is not None else {}
+    auxiliary = {
+        key: pairs[key].auxiliary_optimizer(pairs[key].loss.auxiliary_parameters()) for key in module.auxiliary_keys
+    }
+
+    def step() -> None:
+        with autocast(module.device, precision):
+            task_loss, _, distill_total, _, auxiliary_losses = module._losses(
+                batch, module.task.training_loss, auxiliary=bool(auxiliary)
+            )
+        optimizer.zero_grad(set_to_none=True)
+        (task_loss + distill_total).backward()
+        optimizer.step()
+        for key, auxiliary_optimizer in auxiliary.items():
+            auxiliary_optimizer.zero_grad(set_to_none=True)  # the student's backward also reached them
+            auxiliary_losses[key].backward()
+            auxiliary_optimizer.step()
+
+    return step
+
+
+def release_gradients(module: DistillationModule) -> None:
+    """Drop every .grad, so memory measured in the next phase is not held by this one."""
+    module.zero_grad(set_to_none=True)

@@ -1,0 +1,59 @@
+"""The few lines a benchmark prints: the figures a reader compares, and whether each target is met."""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def _yes(value: bool | None) -> str:
+    return "n/a" if value is None else ("yes" if value else "NO")
+
+
+def _step(label: str, step: dict[str, Any]) -> str:
+    return (
+        f"  {label:<16} {step['median_ms']:9.2f} ms  (IQR {step['iqr_ms']:.2f}, min {step['min_ms']:.2f}, "
+        f"max {step['max_ms']:.2f})  {step['images_per_s']:8.1f} img/s"
+    )
+
+
+def summary_lines(record: dict[str, Any], path: str) -> list[str]:
+    steps, memory, targets, overhead = record["steps"], record["memory"], record["targets"], record["overhead"]
+    mib = 2**20
+    lines = [
+        f"{record['experiment']} on {record['hardware']} ({record['device']}, precision {record['precision']}), "
+        f"batch {record['batch_size']} × {'×'.join(map(str, record['input_size']))}, "
+        f"{record['repeats']} repeats after {record['warmup']} warm-up; teacher weights: {record['teacher_weights']}",
+        _step("student only", steps["student_only"]),
+        _step("teacher forward", steps["teacher_forward"]),
+        _step("distillation", steps["distillation"]),
+        f"  overhead         {overhead['ms']:9.2f} ms = {overhead['percent_of_distillation']:.1f} % "
+        f"of the distillation step (target ≤ 5 %: {_yes(targets['overhead_le_5_percent'])})",
+        f"  peak memory      student {memory['student_only']['peak_bytes'] / mib:.0f} MiB, distillation "
+        f"{memory['distillation']['peak_bytes'] / mib:.0f} MiB, teacher weights "
+        f"{memory['teacher_weight_bytes'] / mib:.0f} MiB: ratio {memory['ratio']:.3f} "
+        f"(target ≤ 1.10: {_yes(targets['memory_ratio_le_1_10'])})",
+    ]
+    losses = record["losses"]
+    if "rows" in losses:
+        cases = [case["name"] for case in losses["cases"]]
+        lines.append("  loss fwd+bwd ms  " + " ".join(f"{case:>15}" for case in cases))
+        for name in dict.fromkeys(row["loss"] for row in losses["rows"]):
+            cells = {row["case"]: row for row in losses["rows"] if row["loss"] == name}
+            text = [f"{cells[c]['median_ms']:15.2f}" if "median_ms" in cells[c] else f"{'skipped':>15}" for c in cases]
+            lines.append(f"    {name:<29}" + " ".join(text))
+    compared = [row for row in record["cwd_vs_reference"] if "ratio" in row]
+    if compared:
+        ratios = ", ".join(f"{row['case']} {row['ratio']:.2f}" for row in compared)
+        lines.append(f"  CWD / reference  {ratios} (target ≤ 1: {_yes(targets['cwd_le_reference_all'])})")
+    peer = record["peer"]
+    if "step" in peer:
+        check = peer["loss_check"]
+        lines.append(
+            f"  {peer['framework']}: {peer['step']['median_ms']:.2f} ms per step, ours / theirs "
+            f"{peer['ratio_ours_to_torchdistill']:.2f}; loss values equal: {_yes(check['equal'])} "
+            f"(total {check['ours_total']:.6f} vs {check['torchdistill_total']:.6f})"
+        )
+    else:
+        lines.append(f"  torchdistill     skipped: {peer['skipped']}")
+    lines.append(f"  written to {path}")
+    return lines
