@@ -396,3 +396,113 @@ def test_refused_with_a_clear_message_and_nothing_changed(case, message, base_ru
     assert "weights_only=False" not in text and "Traceback" not in text
     assert text.lstrip().startswith("error: "), text  # our message first, not a traceback
     assert _tree(env.root) == before
+
+
+# ---------------------------------------------------------------- no diverged model saved, skips counted
+def _all_finite(path: Path) -> bool:
+    def tensors(value):
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, dict):
+            for item in value.values():
+                yield from tensors(item)
+        elif isinstance(value, list | tuple):
+            for item in value:
+                yield from tensors(item)
+
+    state = load_weights_only(path, "checkpoint")
+    return all(torch.isfinite(t).all() for t in tensors(state["state_dict"]) if t.is_floating_point())
+
+
+def test_a_diverging_run_stops_naming_the_step_and_saves_no_non_finite_model(teacher_run, tiny_shapes, tmp_path):
+    runs = tmp_path / "runs"
+    result = run_cli(*_cwd_args(teacher_run, tiny_shapes, runs, "diverged", 8), "--trainer.val_check_interval", "1",
+                     "--model.optimizer.init_args.lr", "1e12", "--trainer.callbacks", "[]", cwd=tmp_path)  # fmt: skip
+    assert result.returncode != 0
+    assert re.search(
+        r"FloatingPointError: non-finite (loss|gradients|weights or statistics) at step \d+", result.stderr
+    )
+    assert "Traceback" in result.stderr or "error:" in result.stderr
+    checkpoints = list((runs / "diverged").glob("*.ckpt"))
+    assert all(_all_finite(path) for path in checkpoints), checkpoints
+    assert not list((runs / "diverged").glob(".*.tmp"))  # no half-written checkpoint left behind
+
+
+def test_on_non_finite_skip_counts_the_skipped_steps(tiny_shapes, tmp_path):
+    import lightning as L
+
+    from cwd_lightning.distill.terms import DistillTerm
+    from tests.test_engine import _datamodule, _module, _net
+
+    teacher_file = tmp_path / "teacher.pt"
+    torch.save(_net("FPN", "resnet18").state_dict(), teacher_file)
+
+    class NaNAtFirstStep(torch.nn.Module):
+        """Not finite on the first training batch (4 images; the build's probe runs on 2), finite after."""
+
+        done = False
+
+        def forward(self, student, teacher):
+            loss = (student - teacher).abs().mean()
+            if student.shape[0] == 4 and not self.done:
+                self.done = True
+                return loss * float("nan")
+            return loss
+
+    terms = [DistillTerm("sometimes", "segmentation_head", "segmentation_head", NaNAtFirstStep(), 1.0)]
+    module = _module(teacher_file, terms, on_non_finite="skip")
+    trainer = L.Trainer(max_steps=3, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    skipped = r"non-finite loss at step 0 in train/loss, train/distill/sometimes.*: step skipped \(1 so far"
+    with pytest.warns(UserWarning, match=skipped):
+        trainer.fit(module, _datamodule(tiny_shapes))
+    assert module.skipped_steps == 1 and trainer.global_step == 3
+    assert module.non_finite_state() == []
+    checkpoint: dict = {"state_dict": {}}
+    module.on_save_checkpoint(checkpoint)
+    assert checkpoint["skipped_steps"] == 1
+
+
+def test_on_bad_sample_skip_trains_without_the_broken_files(tiny_shapes, tmp_path, monkeypatch):
+    from cwd_lightning.data.datamodule import SegmentationDataModule
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    data = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, data)
+    names = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()
+    (data / "JPEGImages" / f"{names[0]}.jpg").write_bytes(b"broken")
+    _write_png(data / "SegmentationClass" / f"{names[1]}.png", np.full((32, 32), 40))
+    module = SegmentationDataModule(str(data), num_classes=11, crop_size=32, base_size=32, batch_size=4,
+                                    num_workers=0, on_bad_sample="skip")  # fmt: skip
+    with pytest.warns(UserWarning, match=r"skipping 2 of 24 sample\(s\)"):
+        module.setup("fit")
+    assert len(module.train_set) == 22 and module.skipped_samples == {"train": 2, "val": 0}
+    assert {image.stem for image, _ in module.train_set.pairs}.isdisjoint(names[:2])
+    images, masks = next(iter(module.train_dataloader()))
+    assert images.shape == (4, 3, 32, 32) and masks[masks != 255].max() < 11
+
+
+def test_a_checkpoint_write_that_fails_leaves_the_previous_file(tmp_path, monkeypatch):
+    from cwd_lightning.run_folder import AtomicCheckpointIO
+
+    path = tmp_path / "last.ckpt"
+    AtomicCheckpointIO().save_checkpoint({"step": 1}, path)
+
+    def dies_mid_write(obj, handle, *args, **kwargs):
+        handle.write(b"half a checkpoint")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(torch, "save", dies_mid_write)
+    with pytest.raises(OSError, match="No space left"):
+        AtomicCheckpointIO().save_checkpoint({"step": 2}, path)
+    monkeypatch.undo()
+    assert load_weights_only(path, "checkpoint") == {"step": 1}
+    assert [p.name for p in tmp_path.iterdir()] == ["last.ckpt"]  # the temporary file is gone too
+
+
+def test_the_cli_writes_checkpoints_through_the_atomic_writer(base_runs):
+    run_dir, _ = base_runs
+    state = load_weights_only(run_dir / "last.ckpt", "checkpoint")
+    assert state["run_id"] == (run_dir / "wandb_id").read_text().strip()
+    assert {"torch", "numpy", "python"} <= set(state["rng_states"])
+    assert not list(run_dir.glob(".*.tmp"))
