@@ -346,7 +346,8 @@ CASES = [
     (_case_bad_on_non_finite, r"on_non_finite"),
     (_case_data_classes_differ_from_the_task, r"data has 12 classes .* but the task has 11"),
     (_case_student_classes_differ_from_the_task, r"model\.student predicts 5 classes but model\.task\.init_args"),
-    (_case_teacher_classes_differ_from_the_task, r"model\.teacher predicts 5 classes but model\.task\.init_args"),
+    (_case_teacher_classes_differ_from_the_task, r"does not match the configured teacher architecture.*"
+                                                  r"segmentation_head\.0\.bias: checkpoint \(11,\) vs model \(5,\)"),
     (_case_empty_train_split, r"train\.txt lists no images"),
     (_case_empty_val_split, r"val\.txt lists no images"),
     (_case_missing_image, r"1 file\(s\) listed by .*train\.txt are missing: .*\.jpg"),

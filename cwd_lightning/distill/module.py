@@ -62,7 +62,7 @@ class DistillationModule(L.LightningModule):
 
         if self.terms and teacher is None:
             raise ValueError("model.terms are set but model.teacher is not: distillation needs a teacher")
-        check_class_counts(task, student, teacher)  # before loading weights into a head of another size
+        check_class_counts(task, student)
         pretrained = getattr(teacher, "pretrained_source", None)  # set by the zoo builders (models/zoo.py)
         if teacher is not None and teacher_checkpoint is None and pretrained is None:
             raise ValueError(
@@ -279,16 +279,15 @@ class DistillationModule(L.LightningModule):
                 logger.log_metrics({f"data/skipped_samples/{split}": n for split, n in skipped.items()}, step=0)
 
 
-def check_class_counts(task: Task, student: nn.Module, teacher: nn.Module | None) -> None:
-    """The student and the teacher predict the task's classes: else the task loss fails at the first step
-    (a label the student has no output for) or the logits terms compare different classes."""
+def check_class_counts(task: Task, student: nn.Module) -> None:
+    """The student predicts the task's classes: else the task loss fails at the first step (a label the
+    student has no output for) or classes go unused. A teacher may predict others (a COCO detector
+    distilling its FPN into an 80-class student); a term comparing its logits with the student's then
+    fails at the build's probe, which compares their channels."""
     expected = getattr(task, "num_classes", None)
-    if expected is None:
-        return
-    for key, model in (("model.student", student), ("model.teacher", teacher)):
-        classes = task.output_classes(model) if model is not None else None
-        if classes is not None and classes != expected:
-            raise ValueError(
-                f"{key} predicts {classes} classes but model.task.init_args.num_classes is {expected}: make them "
-                f"agree (for the builders here: {key}.init_args.num_classes)"
-            )
+    classes = task.output_classes(student)
+    if expected is not None and classes is not None and classes != expected:
+        raise ValueError(
+            f"model.student predicts {classes} classes but model.task.init_args.num_classes is {expected}: make "
+            "them agree (for the builders here: model.student.init_args.num_classes)"
+        )
