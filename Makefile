@@ -5,6 +5,7 @@ VENV := .venv
 PY := $(VENV)/bin/python
 EXP ?= shapes_cwd
 ARGS ?=
+BENCH_ARGS ?=
 TEACHER_ARGS ?=
 CKPT ?= best
 STAMP := $(VENV)/.installed
@@ -16,19 +17,20 @@ TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*ru
 
 TABLE ?= shapes
 
-.PHONY: help install train resume eval export report table ablation features test lint format clean distclean
+.PHONY: help install train resume eval export report table ablation features bench test lint format clean distclean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 	@echo "  Variables: EXP=<experiments/*.yaml stem> (default shapes_cwd), ARGS='<extra CLI args>', CKPT=best|last|<path>,"
-	@echo "             TABLE=<experiments/tables/*.yaml stem> (default shapes)"
+	@echo "             TABLE=<experiments/tables/*.yaml stem> (default shapes),"
+	@echo "             BENCH_ARGS='--repeats N --warmup N --device cpu|cuda --precision 32|bf16-mixed ... [-- <CLI args>]'"
 
 install: $(STAMP) ## Create .venv and install the package (editable) with pinned versions from constraints.txt
 
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,export]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,export,bench]'
 	touch $@
 
 train: $(STAMP) $(TEACHER_CKPT) ## Train EXP (teacher first if its checkpoint is missing); ARGS are passed to the CLI
@@ -60,6 +62,9 @@ ablation: ## The CWD ablation (normalisation x divergence, tau) -> results/shape
 
 features: ## The method comparison on a feature map -> results/shapes_features_table.md
 	$(MAKE) table TABLE=shapes_features
+
+bench: $(STAMP) ## Benchmark EXP: step times, overhead, memory, every loss, torchdistill -> benchmarks/
+	$(PY) -m cwd_lightning.bench experiments/$(EXP).yaml $(BENCH_ARGS)
 
 test: $(STAMP) ## Run the test suite (CPU, offline)
 	$(VENV)/bin/pytest -q $(ARGS)

@@ -105,7 +105,7 @@ def test_bench_writes_the_record(bench_record):
     assert path.name == f"shapes_cwd-{environment.slug(record['hardware'])}.json"
     for key in ("experiment", "hardware", "versions", "git", "device", "precision", "batch_size", "input_size",
                 "repeats", "warmup", "teacher_weights", "steps", "overhead", "memory", "losses", "cwd_vs_reference",
-                "peer", "targets"):  # fmt: skip
+                "peer", "targets", "load_average"):  # fmt: skip
         assert key in record, key
     assert record["experiment"] == "shapes_cwd" and record["device"] == "cpu"
     assert record["teacher_weights"] == "random (checkpoint missing)"

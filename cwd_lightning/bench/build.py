@@ -33,7 +33,7 @@ class BenchCLI(DistillCLI):
         model = self.config["model"]
         checkpoint = model.get("teacher_checkpoint")
         if model.get("teacher") is None or checkpoint is None or Path(checkpoint).is_file():
-            self.teacher_weights = "checkpoint" if checkpoint else "pretrained or none"
+            self.teacher_weights = f"checkpoint {checkpoint}" if checkpoint else "as built (no teacher_checkpoint)"
             return
         spec = {key: value for key, value in model["teacher"].as_dict().items() if key in ("class_path", "init_args")}
         path = self.scratch / "random_teacher.pt"
@@ -44,6 +44,8 @@ class BenchCLI(DistillCLI):
 
 @dataclass
 class Built:
+    """What the harness measures: the module, its data, one fixed batch, and where the teacher's weights came from."""
+
     module: DistillationModule
     datamodule: Any
     batch: Any

@@ -32,6 +32,14 @@ def cpu_cores() -> int:
         return os.cpu_count() or 1
 
 
+def load_average() -> float | None:
+    """The 1-minute load average: other processes competing for the cores distort CPU timings."""
+    try:
+        return os.getloadavg()[0]
+    except OSError:
+        return None
+
+
 def hardware(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)

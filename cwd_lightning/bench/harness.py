@@ -24,6 +24,7 @@ from cwd_lightning.bench.steps import (
     teacher_forward_step,
 )
 from cwd_lightning.bench.timing import Timing, time_step
+from cwd_lightning.distill.module import DistillationModule
 
 #: the issue's targets
 OVERHEAD_TARGET_PERCENT = 5.0
@@ -72,7 +73,7 @@ def measure_phase(
     return timing, {"peak_bytes": peak, "start_bytes": start}
 
 
-def images_in(batch: Any, module: Any) -> tuple[int, list[int]]:
+def images_in(batch: Any, module: DistillationModule) -> tuple[int, list[int]]:
     """Batch size and the C×H×W of one input image."""
     inputs = module.task.batch_inputs(batch)
     first = inputs[0]
@@ -82,6 +83,7 @@ def images_in(batch: Any, module: Any) -> tuple[int, list[int]]:
 def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
     """Run every measurement; write ``<out>/<experiment>-<hardware>.json``; return the record and its path."""
     device = resolve_device(options.device)
+    load_at_start = environment.load_average()  # before this process adds its own load
     if options.precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("error: --precision bf16-mixed but this GPU has no bf16 support")
     built = build_experiment(options.experiment, options.extra_args, device)
@@ -149,6 +151,7 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
         "repeats": options.repeats,
         "warmup": options.warmup,
         "teacher_weights": built.teacher_weights,
+        "load_average": {"start": load_at_start, "end": environment.load_average(), "cores": environment.cpu_cores()},
         "steps": {
             "student_only": student_timing.as_dict(images=batch_size),
             "teacher_forward": teacher_timing.as_dict(images=batch_size),

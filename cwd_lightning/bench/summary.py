@@ -36,7 +36,7 @@ def summary_lines(record: dict[str, Any], path: str) -> list[str]:
     losses = record["losses"]
     if "rows" in losses:
         cases = [case["name"] for case in losses["cases"]]
-        lines.append("  loss fwd+bwd ms  " + " ".join(f"{case:>15}" for case in cases))
+        lines.append(f"  {'loss fwd+bwd (ms)':<31}" + " ".join(f"{case:>15}" for case in cases))
         for name in dict.fromkeys(row["loss"] for row in losses["rows"]):
             cells = {row["case"]: row for row in losses["rows"] if row["loss"] == name}
             text = [f"{cells[c]['median_ms']:15.2f}" if "median_ms" in cells[c] else f"{'skipped':>15}" for c in cases]
@@ -55,5 +55,11 @@ def summary_lines(record: dict[str, Any], path: str) -> list[str]:
         )
     else:
         lines.append(f"  torchdistill     skipped: {peer['skipped']}")
+    load = record["load_average"]
+    if load["start"] is not None and load["start"] > 0.5 * load["cores"]:
+        lines.append(
+            f"  note: 1-minute load average {load['start']:.2f} on {load['cores']} cores when this run started: other "
+            "processes may have competed for the CPU and inflated these times; rerun on an idle machine"
+        )
     lines.append(f"  written to {path}")
     return lines
