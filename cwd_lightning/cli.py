@@ -18,7 +18,8 @@ from typing import Any
 
 import lightning as L
 from jsonargparse import Namespace, get_loader, set_loader
-from lightning.pytorch.callbacks import LearningRateMonitor, ModelCheckpoint
+from lightning.fabric.utilities.rank_zero import rank_zero_only
+from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
@@ -33,6 +34,7 @@ from cwd_lightning.run_folder import (
     LastCheckpoint,
     RunFolderCheckpoint,
     RunRecord,
+    StepLearningRateMonitor,
 )
 from cwd_lightning.safe_load import load_weights_only
 
@@ -142,6 +144,7 @@ class DistillCLI(LightningCLI):
         config.trainer.default_root_dir = str(self.run_dir)
         if self.subcommand == "fit":
             config.ckpt_path = self._fit_checkpoint(config.get("ckpt_path"))
+            _count_validation_in_optimizer_steps(config.trainer)
         elif self.subcommand in ("validate", "test", "predict"):
             ckpt = config.get("ckpt_path")
             if ckpt in ("best", "last"):
@@ -197,6 +200,8 @@ class DistillCLI(LightningCLI):
 
     def _fit_checkpoint(self, ckpt_path: str | None) -> str | None:
         last = self.run_dir / "last.ckpt"
+        if ckpt_path is None and not launching_rank():
+            return None  # the launching rank checked the folder and has written into it by now
         if ckpt_path is None:
             if last.exists():
                 raise RunError(
@@ -238,7 +243,7 @@ class DistillCLI(LightningCLI):
             kwargs["plugins"] = [*(trainer_config.get("plugins") or []), AtomicCheckpointIO()]
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = self._loggers()
-                callbacks.append(LearningRateMonitor(logging_interval="step"))
+                callbacks.append(StepLearningRateMonitor(logging_interval="step"))
             kwargs["callbacks"] = [*(trainer_config.get("callbacks") or []), *callbacks]
         else:  # validate/test/predict read a run; they write nothing into its folder
             kwargs.setdefault("logger", False)
@@ -279,10 +284,10 @@ class DistillCLI(LightningCLI):
         touched: a refused resume leaves the folder as it was, so the right resume still works. Only then
         does a fresh run's folder start (its W&B id)."""
         ckpt_path = self.config[self.subcommand].get("ckpt_path")
-        if ckpt_path:
+        if ckpt_path and launching_rank():  # the other ranks start after these checks passed
             self._check_resume(ckpt_path)
         self._check_data()
-        if getattr(self, "_new_run_id", None) and self.trainer.is_global_zero:
+        if getattr(self, "_new_run_id", None) and launching_rank():
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / RUN_ID_FILE).write_text(self._new_run_id + "\n")
 
@@ -358,6 +363,8 @@ class DistillCLI(LightningCLI):
             )
 
     def after_fit(self) -> None:
+        if not self.trainer.is_global_zero:  # the other ranks' loggers are placeholders; rank 0 reports
+            return
         checkpoint = self.trainer.checkpoint_callback  # the first ModelCheckpoint: best by the task metric
         lines = [f"run folder:      {self.run_dir}"]
         if isinstance(checkpoint, ModelCheckpoint):
@@ -378,6 +385,23 @@ class DistillCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.finish()  # flush the offline record and its summary now, not at exit
+
+
+def launching_rank() -> bool:
+    """True in the process the user started (or rank 0 of torchrun/SLURM): it alone checks and starts the
+    run folder. Lightning's DDP launcher re-runs the command for the other local ranks with their rank in
+    the environment, after the launching process has passed its checks and written the run id."""
+    return rank_zero_only.rank == 0
+
+
+def _count_validation_in_optimizer_steps(trainer: Namespace) -> None:
+    """``val_check_interval: N`` (with ``check_val_every_n_epoch: null``) means every N optimiser steps, as
+    ``max_steps`` and the schedule count them; Lightning counts batches, so with gradient accumulation it
+    would validate ``accumulate_grad_batches`` times as often."""
+    accumulate = int(trainer.get("accumulate_grad_batches") or 1)
+    interval = trainer.get("val_check_interval")
+    if accumulate > 1 and isinstance(interval, int) and trainer.get("check_val_every_n_epoch") is None:
+        trainer.val_check_interval = interval * accumulate
 
 
 def innermost_error(message: str) -> str:

@@ -14,7 +14,7 @@ from typing import Any
 import lightning as L
 import numpy as np
 import torch
-from lightning.pytorch.callbacks import Callback, ModelCheckpoint
+from lightning.pytorch.callbacks import Callback, LearningRateMonitor, ModelCheckpoint
 from lightning.pytorch.plugins.io import TorchCheckpointIO
 
 #: the run's id (also its W&B run id), written when a fresh fit starts
@@ -156,3 +156,17 @@ def keep_copy(path: Path, copy: Path) -> None:
     except OSError:
         shutil.copy2(path, temporary)
     os.replace(temporary, copy)
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """The learning rate once per optimiser step: Lightning's monitor logs at every batch of a step whose
+    logging is due, so with gradient accumulation the same step was logged once per micro-batch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._last_step = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            super().on_train_batch_start(trainer, *args, **kwargs)

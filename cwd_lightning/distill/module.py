@@ -45,6 +45,8 @@ class DistillationModule(L.LightningModule):
         poly_power: float = 0.9,
         warmup_steps: int = 0,
         on_non_finite: Literal["error", "skip"] = "error",
+        channels_last: bool = False,
+        compile_student: str | None = None,
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["task", "student", "teacher", "terms", "optimizer"])
@@ -59,6 +61,8 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"model.on_non_finite must be 'error' or 'skip', got {on_non_finite!r}")
         self.on_non_finite = on_non_finite
         self.skipped_steps = 0  # steps whose loss was not finite, skipped (on_non_finite: skip); checkpointed
+        self.channels_last = channels_last
+        self.compile_student = compile_student
 
         if self.terms and teacher is None:
             raise ValueError("model.terms are set but model.teacher is not: distillation needs a teacher")
@@ -268,13 +272,44 @@ class DistillationModule(L.LightningModule):
         if self.distiller is not None:
             self.distiller.rename_legacy_keys(checkpoint["state_dict"])
 
+    def configure_model(self) -> None:
+        """The speed switches, once the module is on its device (Lightning calls this before fit, validate):
+        ``channels_last`` for the student's and the teacher's weights and the inputs (convolutions then run
+        NHWC, faster on tensor cores); ``compile_student: <backend>`` compiles the student's forward in place
+        (``nn.Module.compile``: parameter names, checkpoints and the recorder's hooks stay as they are)."""
+        if self.channels_last and not getattr(self, "_channels_last_done", False):
+            self.student.to(memory_format=torch.channels_last)
+            if self.teacher is not None:
+                self.teacher.to(memory_format=torch.channels_last)
+            self._channels_last_done = True
+        if self.compile_student and not getattr(self, "_compiled", False):
+            self.student.compile(backend=self.compile_student)
+            self._compiled = True
+
+    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+        if (
+            self.channels_last
+            and isinstance(batch, tuple | list)
+            and isinstance(batch[0], Tensor)
+            and batch[0].ndim == 4
+        ):
+            return (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
+        return batch
+
     def on_fit_start(self) -> None:
         if self.on_non_finite == "skip" and self.trainer.world_size > 1:
             raise ValueError("model.on_non_finite: skip is not supported under DDP (the ranks would have to agree "
                              "on every step); use error")  # fmt: skip
         skipped = getattr(self.trainer.datamodule, "skipped_samples", None) or {}
+        batch = getattr(self.trainer.datamodule, "batch_size", None)
         for logger in self.loggers:
             logger.log_hyperparams(parameter_counts(self))
+            if isinstance(batch, int):  # what one optimiser step sees: devices × nodes × batch × accumulation
+                scale = {
+                    "global_batch_size": float(batch * self.trainer.world_size * self.trainer.accumulate_grad_batches)
+                }
+                logger.log_hyperparams(scale)
+                logger.log_metrics(scale, step=0)
             if skipped:  # on_bad_sample: skip — how many samples of each split the run does without
                 logger.log_metrics({f"data/skipped_samples/{split}": n for split, n in skipped.items()}, step=0)
 
