@@ -113,6 +113,7 @@ class DistillationModule(L.LightningModule):
     def _losses(self, batch: Any, student_step: Any, auxiliary: bool = False):
         """Run the teacher (no_grad, recorded) and ``student_step`` (recorded): the task loss and its
         named parts, Σ weight·term, each term's value and the auxiliary losses (when asked)."""
+        batch = self._memory_format(batch)
         if self.distiller is None:
             task_loss, parts = student_step(self.student, batch)
             return task_loss, parts, torch.zeros((), device=self.device), {}, {}
@@ -286,7 +287,8 @@ class DistillationModule(L.LightningModule):
             self.student.compile(backend=self.compile_student)
             self._compiled = True
 
-    def on_after_batch_transfer(self, batch: Any, dataloader_idx: int) -> Any:
+    def _memory_format(self, batch: Any) -> Any:
+        """Images in channels_last when the weights are (segmentation batches: (images, masks))."""
         if (
             self.channels_last
             and isinstance(batch, tuple | list)
