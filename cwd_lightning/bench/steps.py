@@ -87,3 +87,20 @@ def distillation_step(module: DistillationModule, batch: Any, precision: Precisi
 def release_gradients(module: DistillationModule) -> None:
     """Drop every .grad, so memory measured in the next phase is not held by this one."""
     module.zero_grad(set_to_none=True)
+
+
+def check_steps(module: DistillationModule, batch: Any, precision: Precision) -> dict[str, Step]:
+    """The non-finite checks a training run makes, each alone: the loss check of every step (one host
+    sync), the gradient check before each update (one fused reduction and sync), and the weights and
+    BatchNorm statistics check before each validation and checkpoint (``non_finite_state``)."""
+    module.train()
+    with autocast(module.device, precision):
+        task_loss, _, distill_total, values, _ = module._losses(batch, module.task.training_loss)
+    losses = (task_loss + distill_total, task_loss, *values.values())
+    (task_loss + distill_total).backward()
+    gradients = [p.grad for p in module.trainable_parameters() if p.grad is not None]
+    return {
+        "loss_per_step": lambda: all(bool(torch.isfinite(value)) for value in losses),
+        "gradients_per_step": lambda: bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all()),
+        "weights_and_statistics_per_validation": module.non_finite_state,
+    }

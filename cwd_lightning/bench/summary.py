@@ -33,6 +33,13 @@ def summary_lines(record: dict[str, Any], path: str) -> list[str]:
         f"{memory['teacher_weight_bytes'] / mib:.0f} MiB: ratio {memory['ratio']:.3f} "
         f"(target ≤ 1.10: {_yes(targets['memory_ratio_le_1_10'])})",
     ]
+    checks = record["non_finite_checks"]
+    lines.append(
+        f"  non-finite checks loss {checks['loss_per_step']['median_ms']:.3f} ms + gradients "
+        f"{checks['gradients_per_step']['median_ms']:.3f} ms per step "
+        f"({checks['per_step_percent_of_distillation']:.2f} % of the step); weights and statistics "
+        f"{checks['weights_and_statistics_per_validation']['median_ms']:.3f} ms per validation/checkpoint"
+    )
     losses = record["losses"]
     if "rows" in losses:
         cases = [case["name"] for case in losses["cases"]]
