@@ -178,7 +178,8 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
             "distillation": distill_memory,
             "teacher_weight_bytes": teacher_bytes,
             "ratio": memory_ratio,
-            "what": "distillation peak / (student-only peak + teacher weights); " + memory_note(device),
+            "what": "distillation peak / (student-only peak + teacher weights not resident during it); "
+            + memory_note(device),
         },
         "non_finite_checks": {
             "what": "ms per check alone; the loss and gradient checks run every step (not under DDP), the "
@@ -203,7 +204,7 @@ def memory_note(device: torch.device) -> str:
         return "the teacher was moved off the GPU during the student-only phase"
     return (
         "on the CPU both peaks are of the whole process and both include the teacher's weights (built before "
-        "either phase), so the ratio is distillation peak / student-only peak: teacher weights are not added twice"
+        "either phase), so nothing is added: the ratio is distillation peak / student-only peak"
     )
 
 
