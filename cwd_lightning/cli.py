@@ -144,7 +144,6 @@ class DistillCLI(LightningCLI):
         config.trainer.default_root_dir = str(self.run_dir)
         if self.subcommand == "fit":
             config.ckpt_path = self._fit_checkpoint(config.get("ckpt_path"))
-            _count_validation_in_optimizer_steps(config.trainer)
         elif self.subcommand in ("validate", "test", "predict"):
             ckpt = config.get("ckpt_path")
             if ckpt in ("best", "last"):
@@ -241,6 +240,7 @@ class DistillCLI(LightningCLI):
                 RunRecord(self._run_id()),
             ]
             kwargs["plugins"] = [*(trainer_config.get("plugins") or []), AtomicCheckpointIO()]
+            kwargs.update(validation_in_optimizer_steps(trainer_config))
             if trainer_config.get("logger") in (None, True):
                 kwargs["logger"] = self._loggers()
                 callbacks.append(StepLearningRateMonitor(logging_interval="step"))
@@ -394,14 +394,15 @@ def launching_rank() -> bool:
     return rank_zero_only.rank == 0
 
 
-def _count_validation_in_optimizer_steps(trainer: Namespace) -> None:
+def validation_in_optimizer_steps(trainer: Any) -> dict[str, int]:
     """``val_check_interval: N`` (with ``check_val_every_n_epoch: null``) means every N optimiser steps, as
     ``max_steps`` and the schedule count them; Lightning counts batches, so with gradient accumulation it
-    would validate ``accumulate_grad_batches`` times as often."""
+    would validate ``accumulate_grad_batches`` times as often. The saved config keeps N (a resume reads it)."""
     accumulate = int(trainer.get("accumulate_grad_batches") or 1)
     interval = trainer.get("val_check_interval")
     if accumulate > 1 and isinstance(interval, int) and trainer.get("check_val_every_n_epoch") is None:
-        trainer.val_check_interval = interval * accumulate
+        return {"val_check_interval": interval * accumulate}
+    return {}
 
 
 def innermost_error(message: str) -> str:

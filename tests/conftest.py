@@ -28,6 +28,9 @@ def tiny_shapes(tmp_path_factory) -> Path:
 def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
     """``python -m cwd_lightning ...`` in a fresh process, W&B offline, no hub access."""
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    # a W&B service started by this pytest process (in-process fits) must not be shared with the command,
+    # as a user's shell would not: a killed run's id would stay "in use" in it and its resume be refused
+    env.pop("WANDB_SERVICE", None)
     return subprocess.run([sys.executable, "-m", "cwd_lightning", *args], cwd=cwd, env=env,
                           capture_output=True, text=True, timeout=600)  # fmt: skip
 

@@ -19,4 +19,3 @@ class KillAtStep(L.Callback):
     ) -> None:
         if trainer.global_step == self.step:
             os.kill(os.getpid(), signal.SIGKILL)
-

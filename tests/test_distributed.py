@@ -11,6 +11,7 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cwd_lightning.safe_load import load_weights_only
 from tests.conftest import REPO, run_cli, tiny_overrides
@@ -94,6 +95,8 @@ def test_gradient_accumulation_keeps_the_validation_cadence_and_logs_each_step_o
     # without accumulation), not after every 2 micro-batches (0, 1, 2, 3)
     assert validated == [1, 3]
     assert len([row for row in rows if row.get("train/loss")]) == 4
+    saved = yaml.safe_load((runs / "accumulated" / "config.yaml").read_text())["trainer"]
+    assert saved["val_check_interval"] == 2  # as written: a resume from config.yaml keeps the cadence
     lr_steps = [row["step"] for row in rows if row.get("lr-AdamW")]
     assert lr_steps and len(lr_steps) == len(set(lr_steps))  # once per optimiser step
     assert {row.get("global_batch_size") for row in rows if row.get("global_batch_size")} == {"8.0"}
