@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import hashlib
+import json
 from dataclasses import asdict
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 import lightning as L
 from torch.utils.data import DataLoader
@@ -12,7 +14,7 @@ from torchdata.stateful_dataloader import StatefulDataLoader
 
 from cwd_lightning.data import readers
 from cwd_lightning.data.preflight import check_samples
-from cwd_lightning.data.resumable import resumable_train_loader
+from cwd_lightning.data.resumable import all_views_loader, resumable_train_loader
 from cwd_lightning.data.shapes import ShapesSpec, generate_shapes
 from cwd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transforms, train_transforms
 
@@ -54,6 +56,7 @@ class SegmentationDataModule(L.LightningDataModule):
         self.shapes, self.download = shapes, download
         self.on_bad_sample = on_bad_sample
         self.skipped_samples: dict[str, int] = {}  # split → samples left out (on_bad_sample: skip), logged
+        self.teacher_views = 0  # set by a teacher cache (DistillationModule.teacher_cache_views)
         self.train_tf = train_transforms(crop_size, base_size, scale_range, mean, std)
         self.eval_tf = eval_transforms(val_resize, mean, std)
 
@@ -89,7 +92,29 @@ class SegmentationDataModule(L.LightningDataModule):
         dataset.pairs = [pair for index, pair in enumerate(dataset.pairs) if index not in set(bad)]
 
     def train_dataloader(self) -> StatefulDataLoader:
-        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers)
+        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, views=self.teacher_views)
+
+    # ---------------------------------------------------------------- what a teacher cache needs
+    def use_teacher_views(self, views: int) -> None:
+        """Train on ``views`` fixed augmented views per image, each batch with its cache keys."""
+        self.teacher_views = views
+
+    def views_loader(self, batch_size: int) -> StatefulDataLoader:
+        return all_views_loader(self.train_set, self.teacher_views, batch_size, self.num_workers)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Everything that decides the augmented training images: a cache made under other settings is
+        never served (the list of files with their sizes and modification times, and every transform)."""
+        files = [
+            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for pair in self.train_set.pairs for p in pair
+        ]
+        return {
+            "files": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+            "images": len(self.train_set),
+            "train_transforms": repr(self.train_tf),
+            "num_classes": self.num_classes,
+            "layout": self.layout,
+        }
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)

@@ -38,12 +38,12 @@ class SeededOrderSampler(DistributedSampler):
     ``DistributedSampler`` so that Lightning keeps it under DDP instead of wrapping it in one of its own
     (which could only fast-forward by replaying indices from whatever epoch was set at the time)."""
 
-    def __init__(self, size: int, seed: int) -> None:
+    def __init__(self, size: int, seed: int, views: int = 0) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if distributed else 1
         rank = torch.distributed.get_rank() if distributed else 0
         super().__init__(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.size = size
+        self.size, self.views = size, views
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch}
@@ -51,20 +51,29 @@ class SeededOrderSampler(DistributedSampler):
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.epoch = state["epoch"]
 
-    def __iter__(self) -> Iterator[tuple[int, int]]:
+    def __iter__(self) -> Iterator[tuple[int, ...]]:
         base = (self.seed * _SEED_STRIDE + self.epoch * _EPOCH_STRIDE) % 2**63
         order = torch.randperm(self.size, generator=torch.Generator().manual_seed(base)).tolist()
         positions = range(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
+        if self.views:  # a teacher cache: epoch e shows view e mod K of every image, always augmented alike
+            view = self.epoch % self.views
+            return _SeededOrder([(order[p], view_seed(self.seed, order[p], view), view) for p in positions])
         return _SeededOrder([(order[p], (base + p + 1) % 2**63) for p in positions])
 
 
-class _SeededOrder(Iterator[tuple[int, int]]):
+def view_seed(seed: int, index: int, view: int) -> int:
+    """The augmentation seed of view ``view`` of image ``index``: fixed for the run's seed, so a cached
+    teacher output and the student's input come from the same augmented image in every epoch."""
+    return (seed * _SEED_STRIDE + (index * 4096 + view + 1) * _EPOCH_STRIDE + 7) % 2**63
+
+
+class _SeededOrder(Iterator[tuple[int, ...]]):
     """An epoch's items, and how many were yielded (the state the loader saves)."""
 
-    def __init__(self, items: list[tuple[int, int]]) -> None:
+    def __init__(self, items: list[tuple[int, ...]]) -> None:
         self.items, self.yielded = items, 0
 
-    def __next__(self) -> tuple[int, int]:
+    def __next__(self) -> tuple[int, ...]:
         if self.yielded >= len(self.items):
             raise StopIteration
         self.yielded += 1
@@ -88,24 +97,42 @@ class SeededAugmentation(Dataset):
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
-    def __getitem__(self, item: tuple[int, int]) -> Any:
-        index, seed = item
+    def __getitem__(self, item: tuple[int, ...]) -> Any:
+        """``(index, seed)``: the augmented sample; ``(index, seed, view)``: the sample and its cache key
+        ``[index, view]`` as a last element (a teacher cache looks the teacher's outputs up by it)."""
+        index, seed, *view = item
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
-            return self.dataset[index]
+            sample = self.dataset[index]
+        return (*sample, torch.tensor([index, view[0]])) if view else sample
 
 
 def resumable_train_loader(
-    dataset: Dataset, batch_size: int, num_workers: int, collate_fn: Callable[[list[Any]], Any] | None = None
+    dataset: Dataset,
+    batch_size: int,
+    num_workers: int,
+    collate_fn: Callable[[list[Any]], Any] | None = None,
+    views: int = 0,
 ) -> StatefulDataLoader:
     """The training loader of both data modules: seeded order and augmentations, incomplete last batch
-    dropped, state saved in checkpoints."""
+    dropped, state saved in checkpoints. With ``views`` (a teacher cache) every image has that many fixed
+    augmented views and each batch ends with their cache keys."""
     return StatefulDataLoader(
         SeededAugmentation(dataset),
         batch_size=batch_size,
-        sampler=SeededOrderSampler(len(dataset), run_seed()),
+        sampler=SeededOrderSampler(len(dataset), run_seed(), views),
         drop_last=True,
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
+    )
+
+
+def all_views_loader(dataset: Dataset, views: int, batch_size: int, num_workers: int) -> StatefulDataLoader:
+    """Every view of every image once, in (image, view) order, each augmented as training will see it:
+    what a teacher cache is filled from."""
+    seed = run_seed()
+    items = [(index, view_seed(seed, index, view), view) for index in range(len(dataset)) for view in range(views)]  # type: ignore[arg-type]
+    return StatefulDataLoader(
+        SeededAugmentation(dataset), batch_size=batch_size, sampler=items, num_workers=num_workers
     )

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import warnings
+from pathlib import Path
 from typing import Any, Literal
 
 import lightning as L
@@ -14,6 +16,7 @@ from cwd_lightning.distill import teacher as teacher_utils
 from cwd_lightning.distill.distiller import Distiller, StepContext, evaluating
 from cwd_lightning.distill.inspection import parameter_counts
 from cwd_lightning.distill.schedules import Schedule, build_schedule
+from cwd_lightning.distill.teacher_cache import DTYPES, TeacherCache, cache_folder, default_root
 from cwd_lightning.distill.terms import DistillTerm
 from cwd_lightning.tasks.base import Task
 
@@ -47,6 +50,9 @@ class DistillationModule(L.LightningModule):
         on_non_finite: Literal["error", "skip"] = "error",
         channels_last: bool = False,
         compile_student: str | None = None,
+        teacher_cache_views: int = 0,
+        teacher_cache_dir: str | None = None,
+        teacher_cache_dtype: Literal["float16", "float32"] = "float16",
     ) -> None:
         super().__init__()
         self.save_hyperparameters(ignore=["task", "student", "teacher", "terms", "optimizer"])
@@ -63,6 +69,13 @@ class DistillationModule(L.LightningModule):
         self.skipped_steps = 0  # steps whose loss was not finite, skipped (on_non_finite: skip); checkpointed
         self.channels_last = channels_last
         self.compile_student = compile_student
+        if teacher_cache_views < 0 or (teacher_cache_views and not terms):
+            raise ValueError("model.teacher_cache_views must be ≥ 0, and > 0 only with distillation terms")
+        if teacher_cache_dtype not in DTYPES:
+            raise ValueError(f"model.teacher_cache_dtype must be one of {sorted(DTYPES)}, got {teacher_cache_dtype!r}")
+        self.teacher_cache_views, self.teacher_cache_dir = teacher_cache_views, teacher_cache_dir
+        self.teacher_cache_dtype = teacher_cache_dtype
+        self.teacher_cache: TeacherCache | None = None  # opened at fit start (see ``_open_teacher_cache``)
 
         if self.terms and teacher is None:
             raise ValueError("model.terms are set but model.teacher is not: distillation needs a teacher")
@@ -117,8 +130,12 @@ class DistillationModule(L.LightningModule):
         if self.distiller is None:
             task_loss, parts = student_step(self.student, batch)
             return task_loss, parts, torch.zeros((), device=self.device), {}, {}
-        with torch.no_grad(), self.distiller.recording(student=False):
-            self.task.run(self.teacher, self.task.batch_inputs(batch), self.distiller.teacher_recorder.paths)
+        if self.teacher_cache is not None and self.training and len(batch) == 3:  # (images, masks, cache keys)
+            batch, keys = batch[:2], batch[2]
+            self.distiller.teacher_recorder.outputs = self.teacher_cache.lookup(keys, self.device)
+        else:
+            with torch.no_grad(), self.distiller.recording(student=False):
+                self.task.run(self.teacher, self.task.batch_inputs(batch), self.distiller.teacher_recorder.paths)
         with self.distiller.recording(teacher=False):
             task_loss, parts = student_step(self.student, batch)
         context = StepContext(self.task.dense_labels(batch), self.task.ignore_index, self.global_step)
@@ -298,7 +315,61 @@ class DistillationModule(L.LightningModule):
             return (batch[0].contiguous(memory_format=torch.channels_last), *batch[1:])
         return batch
 
+    # ---------------------------------------------------------------- teacher cache
+    def setup(self, stage: str) -> None:
+        if stage == "fit" and self.teacher_cache_views:
+            data = self.trainer.datamodule
+            if not hasattr(data, "use_teacher_views"):
+                raise ValueError(
+                    f"model.teacher_cache_views needs a data module that serves fixed augmented views "
+                    f"(SegmentationDataModule); {type(data).__name__} does not"
+                )
+            data.use_teacher_views(self.teacher_cache_views)
+
+    def teacher_outputs(self, batch: Any) -> dict[str, list[Tensor]]:
+        """The teacher's recorded tensors for a batch (every call of every tapped module), as a cache
+        stores them; a module whose output is not a tensor cannot be cached."""
+        with torch.no_grad(), self.distiller.recording(student=False):
+            self.task.run(self.teacher, self.task.batch_inputs(batch), self.distiller.teacher_recorder.paths)
+            outputs = {path: list(calls) for path, calls in self.distiller.teacher_recorder.outputs.items()}
+        self.distiller.clear()
+        for path, calls in outputs.items():
+            if not all(isinstance(call, Tensor) for call in calls):
+                raise ValueError(f"model.teacher_cache_views: the teacher's {path!r} does not output a tensor "
+                                 f"({type(calls[0]).__name__}); tap the tensor itself to cache it")  # fmt: skip
+        return outputs
+
+    def _open_teacher_cache(self) -> None:
+        """Find the cache of this teacher, data and views, fill it on rank 0 when missing or damaged (the
+        other ranks wait, then read the same files), open it, and log its size and fill time."""
+        data = self.trainer.datamodule
+        loader = data.views_loader(batch_size=data.batch_size)
+        first = next(iter(loader))
+        first = (first[0].to(self.device), *first[1:])
+        shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in self.teacher_outputs(first).items()}
+        views, dtype = self.teacher_cache_views, self.teacher_cache_dtype
+        identity = TeacherCache.identity(self, data, views, dtype, shapes)
+        root = Path(self.teacher_cache_dir) if self.teacher_cache_dir else default_root()
+        cache = TeacherCache(cache_folder(root, identity), shapes, len(data.train_set), views, dtype)
+        if self.trainer.is_global_zero and not cache.is_complete():
+            cache.fill(lambda batch: self.teacher_outputs((batch[0].to(self.device), *batch[1:])), loader, identity)
+        self.trainer.strategy.barrier("teacher_cache")
+        if not cache.is_complete():
+            raise RuntimeError(f"the teacher cache {cache.folder} is incomplete after filling it")
+        cache.open()
+        self.teacher_cache = cache
+        record = json.loads((cache.folder / "cache.json").read_text())
+        stats = {
+            "teacher_cache/size_mib": cache.size_bytes / 2**20,
+            "teacher_cache/fill_seconds": record["fill_seconds"],
+        }
+        for logger in self.loggers:
+            logger.log_hyperparams({"teacher_cache/folder": str(cache.folder)})
+            logger.log_metrics(stats, step=0)
+
     def on_fit_start(self) -> None:
+        if self.teacher_cache_views:
+            self._open_teacher_cache()
         if self.on_non_finite == "skip" and self.trainer.world_size > 1:
             raise ValueError("model.on_non_finite: skip is not supported under DDP (the ranks would have to agree "
                              "on every step); use error")  # fmt: skip

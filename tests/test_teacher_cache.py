@@ -1,0 +1,129 @@
+"""The teacher-output cache (design a: K fixed augmented views): cached targets equal the live teacher's
+on the same views, the cache is keyed by teacher and data, a damaged cache is refilled, never read."""
+
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import pytest
+import torch
+
+from tests.test_engine import _datamodule, _module, _net
+
+
+@pytest.fixture()
+def teacher_file(tmp_path) -> Path:
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pt"
+    torch.save(_net("FPN", "resnet18").state_dict(), path)
+    return path
+
+
+def _fit(teacher_file, data_root, cache_dir, steps=3, dtype="float32", views=2):
+    module = _module(teacher_file, teacher_cache_views=views, teacher_cache_dir=str(cache_dir),
+                     teacher_cache_dtype=dtype)  # fmt: skip
+    data = _datamodule(data_root)
+    trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, data)
+    return module, data
+
+
+def _live_and_cached(module, data, batches=3):
+    """For training batches (images, masks, keys): the live teacher's tensors and the cache's."""
+    pairs = []
+    for batch, _ in zip(data.train_dataloader(), range(batches), strict=False):
+        live = module.teacher_outputs(batch)
+        cached = module.teacher_cache.lookup(batch[2], torch.device("cpu"))
+        pairs.append((live, cached, batch[2]))
+    return pairs
+
+
+def test_cached_targets_equal_the_live_teacher_on_the_same_views(teacher_file, tiny_shapes, tmp_path):
+    module, data = _fit(teacher_file, tiny_shapes, tmp_path / "cache")
+    cache = module.teacher_cache
+    assert cache is not None and (cache.folder / "cache.json").is_file()
+    assert cache.arrays["segmentation_head"][0].shape == (24, 2, 11, 32, 32)
+    for epoch in (0, 1, 2):  # views 0, 1, 0: every epoch replays a stored view
+        data.train_dataloader().sampler.set_epoch(epoch)
+        loader = data.train_dataloader()
+        loader.sampler.set_epoch(epoch)
+        for batch, _ in zip(loader, range(2), strict=False):
+            assert set(batch[2][:, 1].tolist()) == {epoch % 2}
+            live = module.teacher_outputs(batch)["segmentation_head"][0]
+            cached = cache.lookup(batch[2], torch.device("cpu"))["segmentation_head"][0]
+            assert torch.equal(live, cached)  # float32: bit for bit
+
+
+def test_float16_cache_error_is_bounded(teacher_file, tiny_shapes, tmp_path):
+    module, data = _fit(teacher_file, tiny_shapes, tmp_path / "cache", dtype="float16")
+    for live, cached, _ in _live_and_cached(module, data):
+        live, cached = live["segmentation_head"][0], cached["segmentation_head"][0]
+        # float16 keeps 11 significant bits: relative error ≤ 2^-11 of each value (plus subnormals)
+        assert (live - cached).abs().max() <= live.abs().max() * 2**-10
+        loss = module.distiller.terms[0].loss
+        kl = float(loss(cached, live))  # CWD between the replayed and the live map: ~0
+        assert kl < 1e-4
+
+
+def test_the_cache_is_reused_and_keyed_by_teacher_and_data(teacher_file, tiny_shapes, tmp_path):
+    root = tmp_path / "cache"
+    first, _ = _fit(teacher_file, tiny_shapes, root)
+    stamp = (first.teacher_cache.folder / "cache.json").stat().st_mtime_ns
+    again, _ = _fit(teacher_file, tiny_shapes, root)
+    assert again.teacher_cache.folder == first.teacher_cache.folder
+    assert (again.teacher_cache.folder / "cache.json").stat().st_mtime_ns == stamp  # read, not filled again
+
+    other_teacher = tmp_path / "other.pt"
+    state = torch.load(teacher_file, weights_only=True)
+    torch.save({k: v * 1.01 if v.is_floating_point() else v for k, v in state.items()}, other_teacher)
+    changed_teacher, _ = _fit(other_teacher, tiny_shapes, root)
+    assert changed_teacher.teacher_cache.folder != first.teacher_cache.folder
+
+    data = tmp_path / "shapes"
+    shutil.copytree(tiny_shapes, data)
+    name = (data / "ImageSets" / "Segmentation" / "train.txt").read_text().split()[0]
+    image = data / "JPEGImages" / f"{name}.jpg"
+    image.write_bytes(image.read_bytes())  # same pixels, a new modification time: another dataset state
+    changed_data, _ = _fit(teacher_file, data, root)
+    assert changed_data.teacher_cache.folder not in (first.teacher_cache.folder, changed_teacher.teacher_cache.folder)
+    assert len([p for p in root.iterdir() if p.is_dir()]) == 3
+
+
+def test_a_truncated_cache_file_is_refilled_never_read(teacher_file, tiny_shapes, tmp_path):
+    first, _ = _fit(teacher_file, tiny_shapes, tmp_path / "cache")
+    folder = first.teacher_cache.folder
+    array_file = next(folder.glob("*.npy"))
+    array_file.write_bytes(array_file.read_bytes()[: array_file.stat().st_size // 2])  # a crash mid-write
+    again, data = _fit(teacher_file, tiny_shapes, tmp_path / "cache")
+    assert again.teacher_cache.folder == folder and again.teacher_cache.is_complete()
+    recorded = json.loads((folder / "cache.json").read_text())["files"]
+    assert array_file.stat().st_size == recorded[array_file.name]
+    for live, cached, _ in _live_and_cached(again, data, batches=1):
+        assert torch.equal(live["segmentation_head"][0], cached["segmentation_head"][0])
+
+
+def test_a_cache_larger_than_the_free_disk_is_refused(teacher_file, tiny_shapes, tmp_path, monkeypatch):
+    import collections
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(shutil, "disk_usage", lambda path: usage(10**6, 10**6 - 1000, 1000))
+    with pytest.raises(OSError, match=r"the teacher cache needs 0\.00 GiB .* but only 0\.00 GiB are free"):
+        _fit(teacher_file, tiny_shapes, tmp_path / "cache")
+    assert not list((tmp_path / "cache").glob("*/cache.json")) if (tmp_path / "cache").exists() else True
+
+
+def test_training_from_the_cache_never_runs_the_teacher(teacher_file, tiny_shapes, tmp_path):
+    calls = []
+    module = _module(teacher_file, teacher_cache_views=2, teacher_cache_dir=str(tmp_path / "cache"))
+    module.teacher.register_forward_hook(lambda *args: calls.append(module.trainer.global_step))
+    trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, _datamodule(tiny_shapes))
+    assert np.load(next(module.teacher_cache.folder.glob("*.npy")), mmap_mode="r").shape[:2] == (24, 2)
+    # one forward for the tensors' shapes, 12 batches of 4 to fill 24 images × 2 views, none in the 4 steps
+    assert trainer.global_step == 4 and calls == [0] * 13
