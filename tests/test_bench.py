@@ -113,12 +113,16 @@ def test_bench_writes_the_record(bench_record):
     assert {"torch", "lightning"} <= set(record["versions"]) and "commit" in record["git"]
 
     steps = record["steps"]
-    assert set(steps) == {"student_only", "teacher_forward", "distillation"}
+    assert set(steps) == {"student_only", "teacher_forward", "distillation", "distillation_from_cache"}
     for step in steps.values():
         assert step["repeats"] == 2
         assert 0 < step["min_ms"] <= step["median_ms"] <= step["max_ms"] and step["iqr_ms"] >= 0
         assert step["images_per_s"] == pytest.approx(4 / (step["median_ms"] / 1000))
     medians = {name: step["median_ms"] for name, step in steps.items()}
+    assert record["cached_to_student_only"] == pytest.approx(
+        medians["distillation_from_cache"] / medians["student_only"]
+    )
+    assert record["targets"]["cached_le_1_10_student_only"] == (record["cached_to_student_only"] <= 1.10)
     overhead = medians["distillation"] - medians["student_only"] - medians["teacher_forward"]
     assert record["overhead"]["ms"] == pytest.approx(overhead)
     assert record["overhead"]["percent_of_distillation"] == pytest.approx(100 * overhead / medians["distillation"])

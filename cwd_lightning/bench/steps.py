@@ -5,11 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from contextlib import AbstractContextManager, nullcontext
+from pathlib import Path
 from typing import Any, Literal
 
 import torch
 
 from cwd_lightning.distill.module import DistillationModule
+from cwd_lightning.distill.teacher_cache import TeacherCache
 
 Precision = Literal["32", "bf16-mixed"]
 Step = Callable[[], Any]
@@ -104,3 +106,19 @@ def check_steps(module: DistillationModule, batch: Any, precision: Precision) ->
         "gradients_per_step": lambda: bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all()),
         "weights_and_statistics_per_validation": module.non_finite_state,
     }
+
+
+def cached_distillation_step(module: DistillationModule, batch: Any, precision: Precision, folder: Path) -> Step:
+    """The distillation step of a run with a teacher cache (``model.teacher_cache_views``): the teacher's
+    outputs for this batch are written once into a float16 cache in ``folder`` and every step reads them
+    back through the module's own cached path (memory-mapped file → float32 tensor) instead of running
+    the teacher. Leaves the cache attached to the module: detach it with ``module.teacher_cache = None``."""
+    images = module.task.batch_size(batch)
+    keys = torch.stack([torch.arange(images), torch.zeros(images, dtype=torch.long)], dim=1)
+    outputs = module.teacher_outputs(batch)
+    shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in outputs.items()}
+    cache = TeacherCache(folder, shapes, images, views=1, dtype="float16")
+    cache.fill(lambda _: outputs, [(*batch, keys)], identity={"what": "make bench: one batch"})
+    cache.open()
+    module.teacher_cache = cache
+    return distillation_step(module, (*batch, keys.to(module.device)), precision)

@@ -26,6 +26,9 @@ def summary_lines(record: dict[str, Any], path: str) -> list[str]:
         _step("student only", steps["student_only"]),
         _step("teacher forward", steps["teacher_forward"]),
         _step("distillation", steps["distillation"]),
+        _step("from the cache", steps["distillation_from_cache"]),
+        f"  cached / student-only step {record['cached_to_student_only']:.3f} "
+        f"(target ≤ 1.10: {_yes(targets['cached_le_1_10_student_only'])})",
         f"  overhead         {overhead['ms']:9.2f} ms = {overhead['percent_of_distillation']:.1f} % "
         f"of the distillation step (target ≤ 5 %: {_yes(targets['overhead_le_5_percent'])})",
         f"  peak memory      student {memory['student_only']['peak_bytes'] / mib:.0f} MiB, distillation "
