@@ -127,3 +127,24 @@ def test_training_from_the_cache_never_runs_the_teacher(teacher_file, tiny_shape
     assert np.load(next(module.teacher_cache.folder.glob("*.npy")), mmap_mode="r").shape[:2] == (24, 2)
     # one forward for the tensors' shapes, 12 batches of 4 to fill 24 images × 2 views, none in the 4 steps
     assert trainer.global_step == 4 and calls == [0] * 13
+
+
+def test_design_b_replay_equals_live_for_a_teacher_that_commutes_with_the_augmentation():
+    """The replay of design (b) (make bench's replay_error) resizes, crops and flips the un-augmented map as
+    the image: for a pointwise linear teacher (a 1×1 convolution) that is exactly the live output, so what
+    replay_error measures for a real teacher is the approximation, not the geometry."""
+    import random
+
+    from cwd_lightning.bench.replay_error import _augment, _draw
+
+    torch.manual_seed(0)
+    teacher = torch.nn.Conv2d(3, 5, 1)
+    image = torch.rand(3, 40, 56)
+    rng = random.Random(1)
+    for _ in range(5):
+        params = _draw(40, 56, 30, 60, 32, rng)
+        with torch.no_grad():
+            live = teacher(_augment(image, **params)[None])[0]
+            replay = _augment(teacher(image[None])[0], **params)
+        valid = _augment(torch.ones(1, 40, 56), **params)[0] > 0.5
+        assert torch.allclose(live[:, valid], replay[:, valid], atol=1e-5)
