@@ -100,3 +100,22 @@ def test_gradient_accumulation_keeps_the_validation_cadence_and_logs_each_step_o
     lr_steps = [row["step"] for row in rows if row.get("lr-AdamW")]
     assert lr_steps and len(lr_steps) == len(set(lr_steps))  # once per optimiser step
     assert {row.get("global_batch_size") for row in rows if row.get("global_batch_size")} == {"8.0"}
+
+
+def test_ddp_with_a_teacher_cache_fills_it_once_and_every_rank_reads_it(teacher_run, tiny_shapes, tmp_path):
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.teacher_cache_views", "2",
+             "--model.teacher_cache_dir", str(cache)]  # fmt: skip
+    result = run_cli(*_args(teacher_run, tiny_shapes, runs, "cached", 4, *extra), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]  # one cache, written by rank 0
+    assert (folder / "cache.json").is_file() and len(list(folder.glob("*.npy"))) == 1
+    stamp = (folder / "cache.json").stat().st_mtime_ns
+    rows = _rows(runs / "cached")
+    assert {row["teacher_cache/size_mib"] for row in rows if row.get("teacher_cache/size_mib")}
+    # resumed (a longer poly schedule): the cache is found and read, not filled again
+    resumed = run_cli("fit", "--config", str(runs / "cached" / "config.yaml"), "--ckpt_path", "last",
+                      "--trainer.max_steps", "6", cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (folder / "cache.json").stat().st_mtime_ns == stamp
+    assert load_weights_only(runs / "cached" / "last.ckpt", "checkpoint")["global_step"] == 6
