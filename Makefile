@@ -43,10 +43,10 @@ runs/%/best.ckpt: | $(STAMP)
 
 resume: $(STAMP) ## Continue runs/EXP from its last.ckpt (same folder, config and W&B run id)
 	@test -f runs/$(EXP)/last.ckpt || { echo "error: nothing to resume: runs/$(EXP)/last.ckpt does not exist" >&2; exit 2; }
-	$(PY) -m cwd_lightning fit --config runs/$(EXP)/config.yaml --ckpt_path last $(ARGS)
+	$(PY) -m cwd_lightning fit --config runs/$(EXP)/config.yaml --experiment $(EXP) --runs_root runs --ckpt_path last $(ARGS)
 
 eval: $(STAMP) ## Validate runs/EXP with CKPT (best, last or a path)
-	$(PY) -m cwd_lightning validate --config runs/$(EXP)/config.yaml --ckpt_path $(CKPT) $(ARGS)
+	$(PY) -m cwd_lightning validate --config runs/$(EXP)/config.yaml --experiment $(EXP) --runs_root runs --ckpt_path $(CKPT) $(ARGS)
 
 export: $(STAMP) ## Write the distilled student of runs/EXP alone to exports/EXP (weights + model config)
 	$(PY) -m cwd_lightning.export runs/$(EXP) exports/$(EXP) --checkpoint $(CKPT)

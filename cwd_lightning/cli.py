@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Any
 
 import lightning as L
+import yaml
 from jsonargparse import Namespace, get_loader, set_loader
 from lightning.fabric.utilities.rank_zero import rank_zero_only
 from lightning.pytorch.callbacks import ModelCheckpoint
@@ -66,7 +67,7 @@ set_loader("yaml_paths", _load_keeping_selectors)
 
 
 class RunError(SystemExit):
-    """A clear, user-facing refusal (exit code 2) rather than a traceback."""
+    """A clear, user-facing refusal rather than a traceback (``main`` exits with code 2, as the parser)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(f"error: {message}")
@@ -140,6 +141,7 @@ class DistillCLI(LightningCLI):
             if not config_files:
                 raise RunError("give --config experiments/<EXP>.yaml or --experiment <name>")
             config.experiment = Path(str(config_files[-1])).stem
+        follow_run_folder(config)
         self.run_dir = Path(config.runs_root) / config.experiment
         config.trainer.default_root_dir = str(self.run_dir)
         if self.subcommand == "fit":
@@ -220,7 +222,15 @@ class DistillCLI(LightningCLI):
         if not path.is_file():
             others = self._checkpoints(but=None)
             hint = f"; this run has {', '.join(others)} (--ckpt_path <one>)" if others else ""
-            raise RunError(f"nothing to resume: checkpoint {path} does not exist{hint}")
+            died = (
+                ""
+                if others
+                else (
+                    f" (a run that stopped before its first checkpoint has nothing to resume: move {self.run_dir} "
+                    "away and start it again)"
+                )
+            )
+            raise RunError(f"nothing to resume: checkpoint {path} does not exist{hint}{died}")
         return str(path)
 
     # ---------------------------------------------------------------- loggers and checkpoints
@@ -292,6 +302,12 @@ class DistillCLI(LightningCLI):
             (self.run_dir / RUN_ID_FILE).write_text(self._new_run_id + "\n")
 
     def before_validate(self) -> None:
+        ckpt_path = self.config[self.subcommand].get("ckpt_path")
+        if ckpt_path:  # our message for a damaged or pickled file, not PyTorch's advice to load it unsafely
+            try:
+                load_weights_only(ckpt_path, "checkpoint to validate")
+            except ValueError as error:
+                raise RunError(str(error)) from None
         self._check_data()
 
     def _check_data(self) -> None:
@@ -362,6 +378,15 @@ class DistillCLI(LightningCLI):
                 "Nothing was changed."
             )
 
+    def _run_subcommand(self, subcommand: str) -> None:
+        """A run stopped by the non-finite checks ends with their message in one line, not a traceback."""
+        try:
+            super()._run_subcommand(subcommand)
+        except FloatingPointError as error:
+            if os.environ.get("CWD_LIGHTNING_TRACEBACK"):
+                raise
+            raise RunError(f"{error} (run folder {self.run_dir})") from None
+
     def after_fit(self) -> None:
         if not self.trainer.is_global_zero:  # the other ranks' loggers are placeholders; rank 0 reports
             return
@@ -385,6 +410,25 @@ class DistillCLI(LightningCLI):
         for logger in self.trainer.loggers:
             if isinstance(logger, WandbLogger):
                 logger.experiment.finish()  # flush the offline record and its summary now, not at exit
+
+
+def follow_run_folder(config: Namespace) -> None:
+    """A run's own ``config.yaml`` (``make resume``, ``make eval``) names the folder it was written in by
+    ``experiment`` and ``runs_root``; after the folder was moved or copied those name the old one, and a
+    resume of the copy would write into the original. So, unless ``--experiment`` was given, the run
+    folder is the one that holds the config."""
+    config_files = [Path(str(path)) for path in config.get("config") or []]
+    if not config_files or config_files[-1].name != "config.yaml":
+        return
+    folder = config_files[-1].parent
+    if not (folder / RUN_ID_FILE).is_file():
+        return
+    try:
+        written = yaml.safe_load(config_files[-1].read_text()) or {}
+    except (OSError, yaml.YAMLError):
+        return
+    if config.experiment == written.get("experiment"):  # not overridden on the command line
+        config.experiment, config.runs_root = folder.name, str(folder.parent)
 
 
 def launching_rank() -> bool:
@@ -471,4 +515,8 @@ def apply_term_overrides(terms: list[Any] | None, overrides: list[tuple[str, str
 def main(args: list[str] | None = None) -> None:
     os.environ.setdefault("WANDB_MODE", "offline")  # no account or network needed; online is opt-in
     os.environ.setdefault("WANDB_SILENT", "true")
-    DistillCLI(args=args)
+    try:
+        DistillCLI(args=args)
+    except RunError as error:
+        print(error.code, file=sys.stderr, flush=True)
+        raise SystemExit(2) from None

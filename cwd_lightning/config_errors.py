@@ -45,6 +45,10 @@ class SuggestingParser(LightningArgumentParser):
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
         text = message.strip()
+        if "Does not validate against any of the Union subtypes" in text:  # e.g. a term's loss in a YAML
+            reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
+            reasons = [reason for reason in reasons if not reason.startswith("Expected a")]
+            text = "\n".join(reasons) if reasons else text
         nested = _nested_unknown(text)
         if nested is not None:
             text = nested

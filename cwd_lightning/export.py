@@ -142,7 +142,10 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", help="folder to create, e.g. exports/<EXP>")
     parser.add_argument("--checkpoint", default="best", help="best, last or a .ckpt path")
     args = parser.parse_args(argv)
-    out = export_student(args.run_dir, args.out_dir, args.checkpoint)
+    try:
+        out = export_student(args.run_dir, args.out_dir, args.checkpoint)
+    except (ValueError, FileNotFoundError) as error:  # a bad or missing file: one line, no traceback
+        raise SystemExit(f"error: {error}") from None
     print(f"exported student to {out}: {', '.join(sorted(p.name for p in out.iterdir()))}")
 
 

@@ -36,10 +36,17 @@ class AtomicCheckpointIO(TorchCheckpointIO):
                 torch.save(checkpoint, out)
                 out.flush()
                 os.fsync(out.fileno())
+            os.chmod(temporary, 0o666 & ~_umask())  # as any file the run writes, not mkstemp's 0600
             os.replace(temporary, target)
         except BaseException:
             Path(temporary).unlink(missing_ok=True)
             raise
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def rng_states() -> dict[str, Any]:

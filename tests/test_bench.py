@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
@@ -102,7 +103,7 @@ def bench_record(tiny_shapes, tmp_path_factory):
 
 def test_bench_writes_the_record(bench_record):
     path, record = bench_record
-    assert path.name == f"shapes_cwd-{environment.slug(record['hardware'])}.json"
+    assert path.name == f"shapes_cwd-{environment.slug(record['hardware'])}-partial.json"  # scaled loss sizes
     for key in ("experiment", "hardware", "versions", "git", "device", "precision", "batch_size", "input_size",
                 "repeats", "warmup", "teacher_weights", "steps", "overhead", "memory", "losses", "cwd_vs_reference",
                 "peer", "targets", "load_average"):  # fmt: skip
@@ -169,3 +170,16 @@ def test_torchdistill_loss_equals_ours(bench_record):
     assert result["ratio_ours_to_torchdistill"] == pytest.approx(
         record["steps"]["distillation"]["median_ms"] / result["step"]["median_ms"]
     )
+
+
+def test_a_record_is_never_overwritten_unless_asked(bench_record):
+    from cwd_lightning.bench.harness import Options, run_benchmark
+
+    path, record = bench_record
+    before = path.read_bytes()
+    options = Options(Path(record["config"]), repeats=1, warmup=0, out=path.parent, skip_peer=True, skip_losses=True,
+                      extra_args=record["extra_args"])  # fmt: skip
+    with pytest.MonkeyPatch.context() as patch:
+        patch.chdir(path.parent.parent)
+        _, second = run_benchmark(options)
+    assert second != path and second.name.startswith(path.stem + ".") and path.read_bytes() == before

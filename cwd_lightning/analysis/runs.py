@@ -125,7 +125,7 @@ def load_student(run: Run, checkpoint: str = "best") -> nn.Module:
     from cwd_lightning.models.pretrained import without_pretrained
 
     model = build(without_pretrained(run.config["model"]["student"]))
-    model.load_state_dict(read_weights(run.checkpoint(checkpoint)))
+    model.load_state_dict(read_weights(run.checkpoint(checkpoint), "run checkpoint"))
     return model.eval()
 
 

@@ -32,6 +32,7 @@ def parse(argv: list[str]) -> Options:
     parser.add_argument(
         "--loss-scale", type=float, default=1.0, help="scale H and W of the loss sizes (< 1 for a quick smoke run)"
     )
+    parser.add_argument("--overwrite", action="store_true", help="replace an existing record of the same name")
     args = parser.parse_args(own)
     if args.repeats < 1 or args.warmup < 0 or args.loss_scale <= 0:
         parser.error("--repeats must be >= 1, --warmup >= 0 and --loss-scale > 0")
@@ -45,6 +46,7 @@ def parse(argv: list[str]) -> Options:
         skip_peer=args.skip_peer,
         skip_losses=args.skip_losses,
         loss_scale=args.loss_scale,
+        overwrite=args.overwrite,
         extra_args=extra,
     )
 

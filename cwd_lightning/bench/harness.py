@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import json
 import tempfile
+import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -48,6 +49,7 @@ class Options:
     skip_peer: bool = False
     skip_losses: bool = False
     loss_scale: float = 1.0
+    overwrite: bool = False
     extra_args: list[str] = field(default_factory=list)
 
 
@@ -208,7 +210,11 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
     }
     record["targets"] = targets(record)
     suffix = "" if options.precision == "32" else f"-{options.precision}"
+    if options.skip_losses or options.skip_peer or options.loss_scale != 1.0:
+        suffix += "-partial"  # never mistaken for (or written over) a full record
     path = options.out / f"{record['experiment']}-{environment.slug(description)}{suffix}.json"
+    if path.exists() and not options.overwrite:  # a committed record is replaced only when asked
+        path = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(record, indent=2, ensure_ascii=False) + "\n")
     return record, path

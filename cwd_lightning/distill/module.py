@@ -24,6 +24,10 @@ from cwd_lightning.tasks.base import Task
 warnings.filterwarnings("ignore", message=r"Found \d+ module\(s\) in eval mode", category=UserWarning)
 
 
+#: on_non_finite: skip gives up after this many non-finite batches in a row (a diverged model, not a bad batch)
+MAX_CONSECUTIVE_SKIPS = 20
+
+
 class DistillationModule(L.LightningModule):
     """Total loss = task loss + Σ weight · term. Without teacher and terms it trains a plain model
     (a teacher or a baseline student) through the same code path.
@@ -67,6 +71,7 @@ class DistillationModule(L.LightningModule):
             raise ValueError(f"model.on_non_finite must be 'error' or 'skip', got {on_non_finite!r}")
         self.on_non_finite = on_non_finite
         self.skipped_steps = 0  # steps whose loss was not finite, skipped (on_non_finite: skip); checkpointed
+        self._consecutive_skips = 0
         self.channels_last = channels_last
         self.compile_student = compile_student
         if teacher_cache_views < 0 or (teacher_cache_views and not terms):
@@ -143,6 +148,9 @@ class DistillationModule(L.LightningModule):
         return task_loss, parts, distill_total, values, auxiliary_losses
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
+        # a skipped step must leave no trace: its forward already moved the BatchNorm statistics
+        statistics = self._statistics() if self.on_non_finite == "skip" else []
+        saved = [buffer.clone() for buffer in statistics]
         task_loss, parts, distill_total, values, auxiliary = self._losses(
             batch, self.task.training_loss, auxiliary=not self.automatic_optimization
         )
@@ -158,11 +166,18 @@ class DistillationModule(L.LightningModule):
         self.log_dict(logs, batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
         if not self._finite_step(logs, (loss, *auxiliary.values())):
-            return None  # skipped (on_non_finite: skip): no backward, no update
+            for buffer, value in zip(statistics, saved, strict=True):
+                buffer.copy_(value)
+            return None  # skipped (on_non_finite: skip): no backward, no update, statistics as before
         if self.automatic_optimization:
             return loss
         self._manual_update(loss, auxiliary)
         return None
+
+    def _statistics(self) -> list[Tensor]:
+        """The buffers a training forward changes (BatchNorm running statistics and counters)."""
+        modules = [self.student, *([self.distiller] if self.distiller is not None else [])]
+        return [buffer for module in modules for buffer in module.buffers()]
 
     def _finite_step(self, logs: dict[str, Tensor], losses: tuple[Tensor, ...]) -> bool:
         """False when this step is to be skipped. Under DDP nothing is checked here: a host sync every step
@@ -170,9 +185,17 @@ class DistillationModule(L.LightningModule):
         all-reduce; a non-finite loss there reaches the weights of every rank, which are checked on every
         rank together before each validation and checkpoint."""
         if self.trainer.world_size > 1 or all(bool(torch.isfinite(value)) for value in losses):
+            self._consecutive_skips = 0
             return True
         bad = [name for name, value in logs.items() if not torch.isfinite(value).all()]
+        if self.on_non_finite == "skip" and self._consecutive_skips + 1 >= MAX_CONSECUTIVE_SKIPS:
+            raise FloatingPointError(
+                f"non-finite loss at step {self.global_step} in {', '.join(bad)} for {MAX_CONSECUTIVE_SKIPS} batches "
+                "in a row (model.on_non_finite: skip): the model has diverged, skipping cannot help. Stopped; any "
+                "checkpoint already written holds the last validated state."
+            )
         if self.on_non_finite == "skip":
+            self._consecutive_skips += 1
             self.skipped_steps += 1
             self.log("train/skipped_steps", float(self.skipped_steps))
             warnings.warn(f"non-finite loss at step {self.global_step} in {', '.join(bad)}: step skipped "
@@ -181,7 +204,7 @@ class DistillationModule(L.LightningModule):
         raise FloatingPointError(
             f"non-finite loss at step {self.global_step} in {', '.join(bad)} (task = train/loss_task, "
             f"a distillation term = train/distill/<term>): { ({k: float(v) for k, v in logs.items()}) }. "
-            "Stopped before this step's update; the checkpoints hold the last validated state "
+            "Stopped before this step's update; any checkpoint already written holds the last validated state "
             "(model.on_non_finite: skip skips such steps instead)."
         )
 
@@ -237,8 +260,8 @@ class DistillationModule(L.LightningModule):
             more = f" (+{len(bad) - 5} more)" if len(bad) > 5 else ""
             raise FloatingPointError(
                 f"non-finite weights or statistics at step {self.global_step}, {moment}: {', '.join(bad[:5])}{more}. "
-                "Stopped: no checkpoint of this state is written and best.ckpt keeps the last finite model "
-                "(a smaller learning rate, warm-up or gradient clipping usually helps)."
+                "Stopped: no checkpoint of this state is written (best.ckpt, if any, keeps the last finite model; "
+                "a smaller learning rate, warm-up or gradient clipping usually helps)."
             )
 
     def on_validation_start(self) -> None:
@@ -375,6 +398,8 @@ class DistillationModule(L.LightningModule):
                              "on every step); use error")  # fmt: skip
         skipped = getattr(self.trainer.datamodule, "skipped_samples", None) or {}
         batch = getattr(self.trainer.datamodule, "batch_size", None)
+        if self.trainer.ckpt_path is not None:  # a resume: the step-0 rows are in the record already
+            skipped, batch = {}, None
         for logger in self.loggers:
             logger.log_hyperparams(parameter_counts(self))
             if isinstance(batch, int):  # what one optimiser step sees: devices × nodes × batch × accumulation

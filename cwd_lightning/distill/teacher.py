@@ -14,25 +14,29 @@ from cwd_lightning.safe_load import load_weights_only
 _LIGHTNING_PREFIX = "student."
 
 
-def read_weights(path: str | Path) -> dict[str, Tensor]:
-    """Model weights from a Lightning ``.ckpt`` of a run of this project or a plain state_dict file."""
+def read_weights(path: str | Path, what: str = "teacher checkpoint") -> dict[str, Tensor]:
+    """Model weights from a Lightning ``.ckpt`` of a run of this project or a plain state_dict file;
+    ``what`` names the file in errors."""
     path = Path(path)
     if not path.is_file():
         # unlike the YAML's includes (read from the including file's folder), checkpoint paths are read from
         # the working directory, as Lightning's ckpt_path: say so, with the absolute path tried
         base = "" if path.is_absolute() else f" (a relative path is read from the working directory: {path.absolute()})"
-        raise FileNotFoundError(
-            f"teacher checkpoint {str(path)!r} not found{base}. Train the teacher first "
-            "(e.g. `make train EXP=shapes_teacher`) or point model.teacher_checkpoint at a state_dict file."
+        hint = (
+            " Train the teacher first (e.g. `make train EXP=shapes_teacher`) or point model.teacher_checkpoint at "
+            "a state_dict file."
+            if what == "teacher checkpoint"
+            else ""
         )
-    payload = load_weights_only(path, "teacher checkpoint")
+        raise FileNotFoundError(f"{what} {str(path)!r} not found{base}.{hint}")
+    payload = load_weights_only(path, what)
     if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
         state = payload["state_dict"]
         if any(key.startswith(_LIGHTNING_PREFIX) for key in state):
             state = {k[len(_LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(_LIGHTNING_PREFIX)}
         payload = state
     if not isinstance(payload, dict) or not all(isinstance(v, Tensor) for v in payload.values()):
-        raise ValueError(f"teacher checkpoint {str(path)!r} holds no state_dict of tensors")
+        raise ValueError(f"{what} {str(path)!r} holds no state_dict of tensors")
     return payload
 
 
