@@ -24,7 +24,7 @@ from lightning.pytorch.callbacks import ModelCheckpoint
 from lightning.pytorch.cli import LightningCLI, SaveConfigCallback
 from lightning.pytorch.loggers import CSVLogger, WandbLogger
 
-from cwd_lightning.config_errors import SuggestingParser
+from cwd_lightning.config_errors import SuggestingParser, innermost_error
 from cwd_lightning.csv_log import AppendingCSVLogger
 from cwd_lightning.distill import teacher as teacher_utils
 from cwd_lightning.distill.module import DistillationModule
@@ -447,16 +447,6 @@ def validation_in_optimizer_steps(trainer: Any) -> dict[str, int]:
     if accumulate > 1 and isinstance(interval, int) and trainer.get("check_val_every_n_epoch") is None:
         return {"val_check_interval": interval * accumulate}
     return {}
-
-
-def innermost_error(message: str) -> str:
-    """The error itself out of jsonargparse's account of a union it could not build ("Does not validate
-    against any of the Union subtypes ... Errors: - <ours> - Expected a <class 'NoneType'> ...")."""
-    if "Does not validate against any of the Union subtypes" not in message:
-        return message
-    reasons = [line.strip()[2:] for line in message.splitlines() if line.strip().startswith("- ")]
-    reasons = [reason for reason in reasons if not reason.startswith("Expected a")]
-    return reasons[0] if reasons else message
 
 
 _TERM_OVERRIDE = re.compile(

@@ -21,7 +21,7 @@ from lightning.pytorch.cli import LightningArgumentParser
 _UNKNOWN = re.compile(r"""does not accept option\s+['"]([\w.-]+)['"]|unrecognized arguments:\s+--([\w.-]+)""")
 #: ... and one inside a class's ``init_args`` (``Parser key "data": ... class_path 'X': Option 'y' is not accepted``)
 _PARSER_KEY = re.compile(r'Parser key "([\w.]+)"')
-_CLASS_PATH = re.compile(r"class_path '([\w.]+)'")
+_CLASS_PATH = re.compile(r"class_path=? ?'([\w.]+)'")  # "class_path 'X'" or, for callables, "class_path='X'"
 _NESTED_UNKNOWN = re.compile(r"""(?:Option|Key|key)\s+['"]([\w.]+)['"]\s+is not (?:accepted|expected)""")
 
 
@@ -44,12 +44,8 @@ class SuggestingParser(LightningArgumentParser):
 
     def error(self, message: str, ex: Exception | None = None) -> NoReturn:
         parser = getattr(ex, "subcommand_parser", None) or self
-        text = message.strip()
-        if "Does not validate against any of the Union subtypes" in text:  # e.g. a term's loss in a YAML
-            reasons = [line.strip()[2:] for line in text.splitlines() if line.strip().startswith("- ")]
-            reasons = [reason for reason in reasons if not reason.startswith("Expected a")]
-            text = "\n".join(reasons) if reasons else text
-        nested = _nested_unknown(text)
+        nested = _nested_unknown(message.strip())  # needs the class path the full message names
+        text = innermost_error(message.strip())
         if nested is not None:
             text = nested
         else:
@@ -64,6 +60,24 @@ class SuggestingParser(LightningArgumentParser):
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {text}\n(all options: {prog} --help)\n")
         sys.exit(2)
+
+
+def innermost_error(message: str) -> str:
+    """The error itself out of jsonargparse's account of a union it could not build ("Parser key "X":
+    Does not validate against any of the Union subtypes ... Errors: - Problem with given class_path ...:
+    <the error> - Expected a <class 'NoneType'> ... Given value: ..."), named by its key."""
+    if "Does not validate against any of the Union subtypes" not in message:
+        return message
+    lines = message.splitlines()
+    start = next((i for i, line in enumerate(lines) if line.strip() == "Errors:"), None)
+    end = next((i for i, line in enumerate(lines) if line.strip().startswith("Given value")), len(lines))
+    if start is None:
+        return message
+    reasons = [line.strip().removeprefix("- ").strip() for line in lines[start + 1 : end] if line.strip()]
+    reasons = [r for r in reasons if not r.startswith(("Expected a", "Problem with given class_path"))]
+    owner = _PARSER_KEY.search(message)
+    prefix = f"{owner[1]}: " if owner else ""
+    return prefix + "; ".join(reasons) if reasons else message
 
 
 def _nested_unknown(message: str) -> str | None:
