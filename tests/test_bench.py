@@ -127,6 +127,9 @@ def test_bench_writes_the_record(bench_record):
     overhead = medians["distillation"] - medians["student_only"] - medians["teacher_forward"]
     assert record["overhead"]["ms"] == pytest.approx(overhead)
     assert record["overhead"]["percent_of_distillation"] == pytest.approx(100 * overhead / medians["distillation"])
+    paired = record["overhead"]["paired_percent"]
+    assert paired["repeats"] == 2 and paired["min"] <= paired["median"] <= paired["max"] < 100
+    assert record["targets"]["paired_overhead_le_5_percent"] == (paired["median"] <= 5.0)
 
     memory = record["memory"]
     assert memory["student_only"]["peak_bytes"] > 0 and memory["distillation"]["peak_bytes"] > 0

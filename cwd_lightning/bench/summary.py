@@ -30,7 +30,9 @@ def summary_lines(record: dict[str, Any], path: str) -> list[str]:
         f"  cached / student-only step {record['cached_to_student_only']:.3f} "
         f"(target ≤ 1.10: {_yes(targets['cached_le_1_10_student_only'])})",
         f"  overhead         {overhead['ms']:9.2f} ms = {overhead['percent_of_distillation']:.1f} % "
-        f"of the distillation step (target ≤ 5 %: {_yes(targets['overhead_le_5_percent'])})",
+        f"of the distillation step (target ≤ 5 %: {_yes(targets['overhead_le_5_percent'])}); paired per "
+        f"repetition: median {overhead['paired_percent']['median']:.1f} % (IQR "
+        f"{overhead['paired_percent']['iqr']:.1f}; ≤ 5 %: {_yes(targets['paired_overhead_le_5_percent'])})",
         f"  peak memory      student {memory['student_only']['peak_bytes'] / mib:.0f} MiB, distillation "
         f"{memory['distillation']['peak_bytes'] / mib:.0f} MiB, teacher weights "
         f"{memory['teacher_weight_bytes'] / mib:.0f} MiB: ratio {memory['ratio']:.3f} "

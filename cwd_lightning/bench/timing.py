@@ -63,3 +63,22 @@ def time_step(step: Callable[[], Any], repeats: int, warmup: int, device: torch.
         synchronize()
         samples.append((time.perf_counter() - start) * 1000.0)
     return summarize(samples)
+
+
+def time_interleaved(steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device) -> dict:
+    """Each repetition times every step once, in turn, so that a slow spell of the machine (another
+    process, frequency scaling) hits all of them alike: per-repetition differences between the steps are
+    then paired, and their median is far steadier than a difference of medians taken in separate blocks."""
+    synchronize = synchronizer(device)
+    for _ in range(warmup):
+        for step in steps.values():
+            step()
+    synchronize()
+    samples: dict[str, list[float]] = {name: [] for name in steps}
+    for _ in range(repeats):
+        for name, step in steps.items():
+            start = time.perf_counter()
+            step()
+            synchronize()
+            samples[name].append((time.perf_counter() - start) * 1000.0)
+    return samples
