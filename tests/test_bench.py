@@ -72,7 +72,8 @@ def test_micro_benchmark_times_every_loss():
     assert features["ChannelWiseDivergence"]["median_ms"] > 0
     assert [row["case"] for row in comparison] == ["logits 16×16", "FPN 6×6"]
     for row in comparison:
-        assert row["ratio"] == pytest.approx(row["cwd_ms"] / row["reference_ms"])
+        # the median of per-repetition ratios (paired timing), not the ratio of the medians
+        assert row["ratio"] > 0 and row["ratio_iqr"] >= 0 and row["cwd_ms"] > 0 and row["reference_ms"] > 0
         assert row["cwd_value"] == pytest.approx(row["reference_value"], rel=1e-5)
 
 
