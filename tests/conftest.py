@@ -47,6 +47,18 @@ def tiny_overrides(data_root: Path, steps: int) -> list[str]:
     ]  # fmt: skip
 
 
+def tiny_cwd_fit(teacher_run, data_root: Path, runs: Path, experiment: str, steps: int) -> list[str]:
+    """``fit`` of shapes_cwd shrunk by ``tiny_overrides``, distilled from ``teacher_run`` (poly schedule, so
+    a resume may extend it), into ``runs/<experiment>``."""
+    _, teacher_dir, _, _ = teacher_run
+    return [
+        "fit", "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--experiment", experiment,
+        "--runs_root", str(runs), "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
+        "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), "--model.lr_schedule", "poly",
+        *tiny_overrides(data_root, steps),
+    ]  # fmt: skip
+
+
 @pytest.fixture(scope="session")
 def teacher_run(tiny_shapes, tmp_path_factory):
     """A tiny teacher run (the PSPNet-R18 of shapes_student) through the CLI, fit for 4 steps."""

@@ -14,19 +14,12 @@ import pytest
 import yaml
 
 from cwd_lightning.safe_load import load_weights_only
-from tests.conftest import REPO, run_cli, tiny_overrides
-
-CWD = str(REPO / "experiments" / "shapes_cwd.yaml")
+from tests.conftest import run_cli, tiny_cwd_fit
 
 
 def _args(teacher_run, tiny_shapes, runs: Path, experiment: str, steps: int, *extra: str) -> list[str]:
-    _, teacher_dir, _, _ = teacher_run
-    return [
-        "fit", "--config", CWD, "--experiment", experiment, "--runs_root", str(runs),
-        "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
-        "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), "--model.lr_schedule", "poly",
-        *tiny_overrides(tiny_shapes, steps), "--trainer.callbacks", "[]", "--trainer.accelerator", "cpu", *extra,
-    ]  # fmt: skip
+    return [*tiny_cwd_fit(teacher_run, tiny_shapes, runs, experiment, steps), "--trainer.callbacks", "[]",
+            "--trainer.accelerator", "cpu", *extra]  # fmt: skip
 
 
 def _rows(run_dir: Path) -> list[dict[str, str]]:

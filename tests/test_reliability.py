@@ -6,7 +6,7 @@ from __future__ import annotations
 import csv
 import hashlib
 import json
-import os
+import random
 import re
 import shutil
 from collections import Counter
@@ -22,20 +22,14 @@ from cwd_lightning.cli import main
 from cwd_lightning.data.detection import voc_to_coco
 from cwd_lightning.data.shapes import SHAPES_CLASSES
 from cwd_lightning.safe_load import load_weights_only
-from tests.conftest import REPO, run_cli, tiny_overrides
+from tests.conftest import REPO, run_cli, tiny_cwd_fit, tiny_overrides
 
 CWD = str(REPO / "experiments" / "shapes_cwd.yaml")
 TEACHER_NET = str(REPO / "experiments" / "common" / "shapes_student_net.yaml")
 
 
 def _cwd_args(teacher_run, tiny_shapes, runs: Path, experiment: str, steps: int) -> list[str]:
-    _, teacher_dir, _, _ = teacher_run
-    return [
-        "fit", "--config", CWD, "--experiment", experiment, "--runs_root", str(runs),
-        "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
-        "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), "--model.lr_schedule", "poly",
-        *tiny_overrides(tiny_shapes, steps), "--trainer.val_check_interval", "4",
-    ]  # fmt: skip
+    return [*tiny_cwd_fit(teacher_run, tiny_shapes, runs, experiment, steps), "--trainer.val_check_interval", "4"]
 
 
 def _student(path: Path) -> dict[str, torch.Tensor]:
@@ -170,7 +164,9 @@ def _case_resume_a_truncated_checkpoint(env):
 
 
 def _case_resume_random_bytes(env):
-    (env.run / "last.ckpt").write_bytes(os.urandom(4096))
+    (env.run / "last.ckpt").write_bytes(
+        random.Random(0).randbytes(4096)
+    )  # fixed bytes: a random draw may look like a pickle
     return env.resume("last")
 
 
@@ -330,7 +326,9 @@ def _case_teacher_file_with_a_pickled_model(env):
 
 
 def _case_teacher_file_of_random_bytes(env):
-    (env.root / "teacher.pt").write_bytes(os.urandom(2048))
+    (env.root / "teacher.pt").write_bytes(
+        random.Random(0).randbytes(2048)
+    )  # fixed bytes: a random draw may look like a pickle
     return [*env.fit(), "--model.teacher_checkpoint", str(env.root / "teacher.pt")]
 
 
