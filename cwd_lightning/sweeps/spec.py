@@ -62,7 +62,9 @@ class Table:
 
 
 #: what a row may change: its distillation (the baseline has none); everything else is the shared recipe
-_DISTILLATION_KEYS = ("terms", "teacher", "teacher_checkpoint")
+# how the teacher is consulted (live or from its cache) is part of the distillation being compared
+_DISTILLATION_KEYS = ("terms", "teacher", "teacher_checkpoint", "teacher_cache_views", "teacher_cache_dir",
+                      "teacher_cache_dtype")  # fmt: skip
 
 
 def recipe(resolved: dict) -> dict:
