@@ -86,10 +86,10 @@ class SegmentationDataModule(L.LightningDataModule):
         self._keep_readable(self.val_set, self.val_split)
 
     def _keep_readable(self, dataset: readers.SegmentationFiles, split: str) -> None:
-        bad = check_samples(dataset.pairs, dataset.load, f"{self.root} split {split!r}",
-                            skip=self.on_bad_sample == "skip")  # fmt: skip
+        bad = set(check_samples(dataset.pairs, dataset.load, f"{self.root} split {split!r}",
+                            skip=self.on_bad_sample == "skip"))  # fmt: skip
         self.skipped_samples[split] = len(bad)
-        dataset.pairs = [pair for index, pair in enumerate(dataset.pairs) if index not in set(bad)]
+        dataset.pairs = [pair for index, pair in enumerate(dataset.pairs) if index not in bad]
 
     def train_dataloader(self) -> StatefulDataLoader:
         return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, views=self.teacher_views)

@@ -98,10 +98,10 @@ class DetectionDataModule(L.LightningDataModule):
         self._keep_readable(self.val_set, self.val_split)
 
     def _keep_readable(self, dataset, split: str) -> None:
-        bad = check_samples([[s.path] for s in dataset.samples], dataset.load, f"{self.root} split {split!r}",
-                            skip=self.on_bad_sample == "skip")  # fmt: skip
+        bad = set(check_samples([[s.path] for s in dataset.samples], dataset.load, f"{self.root} split {split!r}",
+                            skip=self.on_bad_sample == "skip"))  # fmt: skip
         self.skipped_samples[split] = len(bad)
-        dataset.samples = [sample for index, sample in enumerate(dataset.samples) if index not in set(bad)]
+        dataset.samples = [sample for index, sample in enumerate(dataset.samples) if index not in bad]
 
     def train_dataloader(self) -> StatefulDataLoader:
         return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, collate_detection)
