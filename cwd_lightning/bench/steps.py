@@ -10,7 +10,7 @@ from typing import Any, Literal
 
 import torch
 
-from cwd_lightning.distill.module import DistillationModule
+from cwd_lightning.distill.module import DistillationModule, finite_flags
 from cwd_lightning.distill.teacher_cache import TeacherCache
 
 Precision = Literal["32", "bf16-mixed"]
@@ -103,7 +103,7 @@ def check_steps(module: DistillationModule, batch: Any, precision: Precision) ->
     gradients = [p.grad for p in module.trainable_parameters() if p.grad is not None]
     return {
         "loss_per_step": lambda: all(bool(torch.isfinite(value)) for value in losses),
-        "gradients_per_step": lambda: bool(torch.stack([torch.isfinite(g).all() for g in gradients]).all()),
+        "gradients_per_step": lambda: bool(finite_flags(gradients).all()),  # the module's own check
         "weights_and_statistics_per_validation": module.non_finite_state,
     }
 

@@ -215,7 +215,7 @@ class DistillationModule(L.LightningModule):
             return
         named = [(n, p.grad) for group in optimizer.param_groups for n, p in self._named(group["params"])]
         named = [(n, g) for n, g in named if g is not None]
-        if not named or bool(torch.stack([torch.isfinite(g).all() for _, g in named]).all()):
+        if not named or bool(finite_flags([g for _, g in named]).all()):
             return
         bad = [n for n, g in named if not torch.isfinite(g).all()]
         raise FloatingPointError(
@@ -251,7 +251,7 @@ class DistillationModule(L.LightningModule):
         named = [(name, tensor) for name, tensor in named if tensor.is_floating_point()]
         if not named:
             return []
-        finite = torch.stack([torch.isfinite(tensor).all() for _, tensor in named]).tolist()
+        finite = finite_flags([tensor for _, tensor in named]).tolist()
         return [name for (name, _), ok in zip(named, finite, strict=True) if not ok]
 
     def _refuse_non_finite_state(self, moment: str) -> None:
@@ -410,6 +410,11 @@ class DistillationModule(L.LightningModule):
                 logger.log_metrics(scale, step=0)
             if skipped:  # on_bad_sample: skip — how many samples of each split the run does without
                 logger.log_metrics({f"data/skipped_samples/{split}": n for split, n in skipped.items()}, step=0)
+
+
+def finite_flags(tensors: list[Tensor]) -> Tensor:
+    """Whether each tensor is all finite, as one boolean tensor: a single host sync to read it."""
+    return torch.stack([torch.isfinite(tensor).all() for tensor in tensors])
 
 
 def check_class_counts(task: Task, student: nn.Module) -> None:
