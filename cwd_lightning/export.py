@@ -56,7 +56,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "
     out_dir.mkdir(parents=True, exist_ok=True)
     torch.save(student.state_dict(), out_dir / "student.pt")
     (out_dir / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
-    if config["model"]["task"]["class_path"].endswith("SegmentationTask"):
+    if build(config["model"]["task"]).exports_graph:  # the task says whether its students export as a graph
         meta["export"] = export_segmenter(student, out_dir)
         (out_dir / "model.yaml").write_text(yaml.safe_dump(meta, sort_keys=False))
         failed = [name for name, check in meta["export"]["files"].items() if not check.get("kept")]
@@ -64,7 +64,7 @@ def export_student(run_dir: str | Path, out_dir: str | Path, checkpoint: str = "
             raise RuntimeError(f"{out_dir}: {', '.join(failed)} not written, see model.yaml (export.files); "
                                "student.pt and model.yaml are")  # fmt: skip
     else:
-        print("note: a detection student is exported as its state_dict (student.pt) and model.yaml")
+        print("note: a student of this task is exported as its state_dict (student.pt) and model.yaml")
     return out_dir
 
 

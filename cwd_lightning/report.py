@@ -1,9 +1,9 @@
 """Results table and plots from finished runs: ``python -m cwd_lightning.report [--runs runs] [--out reports]``.
 
-Reads ``runs/*/config.yaml`` and ``metrics.csv`` (no network). Per group of comparable runs
-(``shapes_teacher``, ``shapes_student``, ``shapes_cwd`` → ``shapes``) it writes the validation-metric
-curves, per-class bars and the latest channel-distribution figure of the distilled run; one markdown
-file holds the table and links them.
+Reads ``runs/*/config.yaml`` and ``metrics.csv`` (no network). Per group of comparable runs (the config's
+``group``: ``shapes_teacher``, ``shapes_student`` and ``shapes_cwd`` are ``shapes``) it writes the
+validation-metric curves, per-class bars and the latest channel-distribution figure of the distilled run;
+one markdown file holds the table and links them.
 """
 
 from __future__ import annotations
@@ -16,15 +16,16 @@ from pathlib import Path
 
 import numpy as np
 
-from cwd_lightning.analysis.render import plt
-from cwd_lightning.analysis.runs import Run, find_runs, recipe_key
-from cwd_lightning.cli import experiment_group
+from cwd_lightning.analysis.render import new_figure
+from cwd_lightning.analysis.runs import Run, find_runs, repeats_key
+from cwd_lightning.analysis.tables import format_mean_std, markdown_table
 
 _ORDER = {"teacher": 0, "student": 1, "distilled": 2}
 
 
 def curves_figure(runs: list[Run], group: str, metric: str):
-    figure, axis = plt.subplots(figsize=(6, 3.6))
+    figure = new_figure(figsize=(6, 3.6))
+    axis = figure.subplots()
     for run in runs:
         steps, values = run.series(metric)
         axis.plot(steps, values, marker="o", markersize=3, label=f"{run.name} ({run.role})")
@@ -40,7 +41,8 @@ def curves_figure(runs: list[Run], group: str, metric: str):
 def per_class_figure(runs: list[Run], group: str, prefix: str = "val/IoU/"):
     values = {run.name: run.last_values(prefix) for run in runs}
     classes = [name for name in next((v for v in values.values() if v), {})]
-    figure, axis = plt.subplots(figsize=(max(6, 0.55 * len(classes) * max(1, len(runs)) / 1.5), 3.6))
+    figure = new_figure(figsize=(max(6, 0.55 * len(classes) * max(1, len(runs)) / 1.5), 3.6))
+    axis = figure.subplots()
     width = 0.8 / max(1, len(runs))
     for index, run in enumerate(runs):
         heights = [values[run.name].get(name, np.nan) for name in classes]
@@ -86,25 +88,19 @@ def seed_table(runs: list[Run]) -> list[str]:
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
         if run.finished and run.best() is not None:
-            groups[recipe_key(run)].append(run)
-    lines = [
-        "| method | weight | τ | settings | seeds | best mean ± std | runs |",
-        "|---|---|---|---|---|---|---|",
-    ]
+            groups[repeats_key(run)].append(run)
     rows = []
     for members in groups.values():
         members.sort(key=lambda run: int(run.config.get("seed_everything") or 0))
-        values = [run.best() for run in members]
-        mean = float(np.mean(values))
-        std = float(np.std(values, ddof=1)) if len(values) > 1 else 0.0
         method, weight, tau, settings = describe_terms(members[0].config)
         if method == "–":
             method = f"none ({members[0].role})"
         seeds = ", ".join(str(run.config.get("seed_everything")) for run in members)
         names = ", ".join(run.name for run in members)
-        rows.append((method, f"| {method} | {weight} | {tau} | {settings} | {seeds} | "
-                             f"{mean:.4f} ± {std:.4f} ({members[0].metric}) | {names} |"))  # fmt: skip
-    return lines + [line for _, line in sorted(rows)]
+        best = f"{format_mean_std([run.best() for run in members])} ({members[0].metric})"
+        rows.append([method, weight, tau, settings, seeds, best, names])
+    columns = ["method", "weight", "τ", "settings", "seeds", "best mean ± std", "runs"]
+    return markdown_table(columns, sorted(rows, key=lambda row: row[0]))
 
 
 def write_report(runs_root: str | Path = "runs", out: str | Path = "reports") -> Path:
@@ -115,32 +111,26 @@ def write_report(runs_root: str | Path = "runs", out: str | Path = "reports") ->
     out.mkdir(parents=True, exist_ok=True)
     groups: dict[str, list[Run]] = defaultdict(list)
     for run in runs:
-        groups[experiment_group(run.name)].append(run)
+        groups[run.group].append(run)
     lines = ["# Results", "", f"From `{runs_root}/` (best and last validation of each run).", ""]
     for group, members in sorted(groups.items()):
         members.sort(key=lambda run: (_ORDER[run.role], run.name))
-        metric = next((run.metric for run in members if run.metric != "val/loss_task"), members[0].metric)
+        metric = members[0].metric  # one task per group
         baseline = next((run.best(metric) for run in members if run.role == "student"), None)
-        lines += [
-            f"## {group}",
-            "",
-            f"| run | role | network | steps | best {metric} | last {metric} | Δ vs baseline |",
-        ]
-        lines.append("|---|---|---|---|---|---|---|")
+        rows = []
         for run in members:
             steps = [int(row["step"]) for row in run.rows if row.get("step")]
             best = run.best(metric)
             delta = f"{best - baseline:+.4f}" if None not in (best, baseline) and run.role == "distilled" else ""
-            lines.append(
-                f"| {run.name} | {run.role} | {run.network()} | {steps[-1] + 1 if steps else 0} | "
-                f"{_format(best)} | {_format(run.final(metric))} | {delta} |"
-            )
+            rows.append([run.name, run.role, run.network(), steps[-1] + 1 if steps else 0, _format(best),
+                         _format(run.final(metric)), delta])  # fmt: skip
+        columns = ["run", "role", "network", "steps", f"best {metric}", f"last {metric}", "Δ vs baseline"]
+        lines += [f"## {group}", "", *markdown_table(columns, rows)]
         for suffix, figure in (
             ("curves", curves_figure(members, group, metric)),
             ("per_class", per_class_figure(members, group)),
         ):
             figure.savefig(out / f"{group}_{suffix}.png", dpi=110)
-            plt.close(figure)
             lines += ["", f"![{group} {suffix}]({group}_{suffix}.png)"]
         for run in members:
             channel_image = latest_channel_figure(run) if run.role == "distilled" else None

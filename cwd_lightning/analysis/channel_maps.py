@@ -1,4 +1,5 @@
-"""Per-channel spatial distributions (CWD's view of a feature map) and their comparison."""
+"""Per-channel spatial distributions (CWD's view of a feature map): the distributions, their entropy, the
+channels that differ most. Their KL is the loss's own: ``ChannelWiseDivergence.kl_per_sample_channel``."""
 
 from __future__ import annotations
 
@@ -10,14 +11,6 @@ def spatial_distributions(maps: Tensor, tau: float = 1.0) -> Tensor:
     """N×C×H×W → N×C×H×W where every (n, c) map is softmax over its H·W positions of y/τ (sums to 1)."""
     n, c, h, w = maps.shape
     return torch.softmax(maps.detach().float().reshape(n, c, h * w) / tau, dim=-1).reshape(n, c, h, w)
-
-
-def channel_kl(teacher: Tensor, student: Tensor) -> Tensor:
-    """KL(p_T ‖ p_S) per (sample, channel) of two N×C×H×W distribution maps → N×C (no τ² factor)."""
-    p_t, p_s = teacher.flatten(2), student.flatten(2)
-    log_t = torch.log(p_t.clamp_min(1e-30))
-    log_s = torch.log(p_s.clamp_min(1e-30))
-    return (p_t * (log_t - log_s)).sum(-1)
 
 
 def channel_entropy(distributions: Tensor) -> Tensor:

@@ -1,25 +1,29 @@
-"""Matplotlib figures (Agg, no screen) rendered to RGB arrays for W&B and to PNG files for reports."""
+"""Matplotlib figures rendered to RGB arrays for W&B and to PNG files for reports. Figures are made on their
+own Agg canvas, without pyplot, so nothing here changes matplotlib's global backend or figure registry."""
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
-import matplotlib
-
-matplotlib.use("Agg")
-import matplotlib.pyplot as plt
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from cwd_lightning.data.palette import voc_palette
 
 
+def new_figure(**kwargs: Any) -> Figure:
+    """A figure on an Agg canvas (no screen needed); ``kwargs`` as for ``matplotlib.figure.Figure``."""
+    figure = Figure(**kwargs)
+    FigureCanvasAgg(figure)
+    return figure
+
+
 def figure_to_array(figure: Figure) -> np.ndarray:
-    """H×W×3 uint8 pixels of a figure, which is closed afterwards."""
+    """H×W×3 uint8 pixels of a figure."""
     figure.canvas.draw()
-    pixels = np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
-    plt.close(figure)
-    return pixels
+    return np.asarray(figure.canvas.buffer_rgba())[..., :3].copy()
 
 
 def colourise(mask: np.ndarray) -> np.ndarray:
@@ -44,7 +48,8 @@ def channel_grid(
     shown = np.concatenate([teacher_maps[list(channels)], student_maps[list(channels)]])
     vmax = float(shown.max()) if shown.size else 1.0
     rows = max(1, len(channels))
-    figure, axes = plt.subplots(rows, 3, figsize=(8.0, 2.3 * rows + 0.6), squeeze=False, layout="constrained")
+    figure = new_figure(figsize=(8.0, 2.3 * rows + 0.6), layout="constrained")
+    axes = figure.subplots(rows, 3, squeeze=False)
     image_artist = None
     for row, channel in enumerate(channels):
         name = f"ch {channel}" + (f" · {channel_names[channel]}" if channel_names else "")
@@ -72,7 +77,8 @@ def overlay(image: np.ndarray, mask: np.ndarray, alpha: float = 0.55) -> np.ndar
 def prediction_grid(images: Sequence[np.ndarray], columns: dict[str, Sequence[np.ndarray]]) -> Figure:
     """One row per sample: input, then one palette overlay per named column (ground truth, teacher…)."""
     titles = ["input", *columns]
-    figure, axes = plt.subplots(len(images), len(titles), figsize=(2.2 * len(titles), 2.2 * len(images)), squeeze=False)
+    figure = new_figure(figsize=(2.2 * len(titles), 2.2 * len(images)))
+    axes = figure.subplots(len(images), len(titles), squeeze=False)
     for row, image in enumerate(images):
         panels = [image, *(overlay(image, masks[row]) for masks in columns.values())]
         for column, (title, panel) in enumerate(zip(titles, panels, strict=True)):
@@ -89,7 +95,8 @@ def confusion_figure(matrix: np.ndarray, class_names: Sequence[str], title: str 
     rows = matrix.astype(np.float64)
     rows = rows / np.maximum(rows.sum(1, keepdims=True), 1)
     size = max(4.0, 0.45 * len(class_names) + 1.5)
-    figure, axis = plt.subplots(figsize=(size, size))
+    figure = new_figure(figsize=(size, size))
+    axis = figure.subplots()
     artist = axis.imshow(rows, cmap="Blues", vmin=0, vmax=1)
     axis.set_xticks(range(len(class_names)), class_names, rotation=90, fontsize=7)
     axis.set_yticks(range(len(class_names)), class_names, fontsize=7)

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import csv
-import json
+import importlib
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -13,6 +13,9 @@ import yaml
 from torch import nn
 
 from cwd_lightning.distill.teacher import read_weights
+from cwd_lightning.models.pretrained import without_pretrained
+from cwd_lightning.runs.identity import identity_digest
+from cwd_lightning.tasks import monitored_metric
 
 
 @dataclass
@@ -22,22 +25,29 @@ class Run:
     path: Path
     config: dict[str, Any]
     rows: list[dict[str, str]] = field(repr=False)
+    #: whether another run found with it names this run's checkpoint as its teacher (``find_runs``)
+    teaches: bool = False
 
     @property
     def name(self) -> str:
         return self.path.name
 
     @property
+    def group(self) -> str:
+        """The runs it compares with: its config's ``group`` (the W&B group), else its own name."""
+        return self.config.get("group") or self.name
+
+    @property
     def role(self) -> str:
+        """``distilled`` (it has terms), ``teacher`` (another run distils from it) or ``student``."""
         if self.config["model"].get("terms"):
             return "distilled"
-        return "teacher" if "teacher" in self.name else "student"
+        return "teacher" if self.teaches else "student"
 
     @property
     def metric(self) -> str:
-        """The task's headline validation metric logged by this run."""
-        keys = set().union(*self.rows) if self.rows else set()
-        return next((key for key in ("val/mIoU", "val/mAP") if key in keys), "val/loss_task")
+        """The validation metric that picks the run's best checkpoint (its task's)."""
+        return monitored_metric(self.config["model"]["task"])
 
     @property
     def finished(self) -> bool:
@@ -93,28 +103,24 @@ def load_run(path: str | Path) -> Run:
 
 
 def find_runs(root: str | Path = "runs", recursive: bool = False) -> list[Run]:
-    """The run folders directly under ``root`` (or at any depth, e.g. the sweeps' ``runs/tables/...``)."""
+    """The run folders directly under ``root`` (or at any depth, e.g. the sweeps' ``runs/tables/...``); a run
+    whose checkpoint another of them names as ``teacher_checkpoint`` is marked as a teacher."""
     pattern = "**/config.yaml" if recursive else "*/config.yaml"
-    return [load_run(p.parent) for p in sorted(Path(root).glob(pattern))]
+    runs = [load_run(p.parent) for p in sorted(Path(root).glob(pattern))]
+    teachers = {Path(str(run.config["model"].get("teacher_checkpoint"))).resolve().parent for run in runs
+                if run.config["model"].get("teacher_checkpoint")}  # fmt: skip
+    for run in runs:
+        run.teaches = run.path.resolve() in teachers
+    return runs
 
 
-#: config keys that name or place a run, or pick its seed: runs that differ only in these are repeats
-_NOT_THE_RECIPE = ("seed_everything", "experiment", "runs_root", "ckpt_path", "config")
-
-
-def recipe_key(run: Run) -> str:
-    """The run's config without its name, folder, seed and progress-bar settings, as canonical JSON."""
-    config = {k: v for k, v in run.config.items() if k not in _NOT_THE_RECIPE}
-    trainer = {
-        k: v for k, v in (config.get("trainer") or {}).items() if k not in ("default_root_dir", "enable_progress_bar")
-    }
-    return json.dumps({**config, "trainer": trainer}, sort_keys=True, default=str)
+def repeats_key(run: Run) -> str:
+    """Runs with the same key differ only by seed, name or folder (``runs/identity.py``)."""
+    return identity_digest(run.config)
 
 
 def build(spec: dict[str, Any]) -> nn.Module:
     """Instantiate ``{class_path, init_args}`` as LightningCLI writes it."""
-    import importlib
-
     module_name, _, attribute = spec["class_path"].rpartition(".")
     return getattr(importlib.import_module(module_name), attribute)(**spec.get("init_args", {}))
 
@@ -122,8 +128,6 @@ def build(spec: dict[str, Any]) -> nn.Module:
 def load_student(run: Run, checkpoint: str = "best") -> nn.Module:
     """The run's trained network (for a teacher run: the teacher), eval mode, on the CPU; built without
     pretrained weights (the checkpoint replaces them), so it loads offline."""
-    from cwd_lightning.models.pretrained import without_pretrained
-
     model = build(without_pretrained(run.config["model"]["student"]))
     model.load_state_dict(read_weights(run.checkpoint(checkpoint), "run checkpoint"))
     return model.eval()

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from cwd_lightning.bench import environment, peer
+from cwd_lightning.bench import peer
 from cwd_lightning.bench.build import build_experiment
 from cwd_lightning.bench.losses import CWD_TAU, PAPER_CASES, benchmark_losses
 from cwd_lightning.bench.memory import PeakMemory, module_bytes
@@ -29,13 +29,13 @@ from cwd_lightning.bench.steps import (
 )
 from cwd_lightning.bench.timing import Timing, summarize, time_interleaved, time_step
 from cwd_lightning.distill.module import DistillationModule
+from cwd_lightning.runs import provenance
 
 #: the issue's targets
 OVERHEAD_TARGET_PERCENT = 5.0
 MEMORY_TARGET_RATIO = 1.10
 CACHED_TARGET_RATIO = 1.10  # issue 11: a step from the teacher cache costs ≤ 1.10 × the student's own step
 REFERENCE_TARGET_RATIO = 1.0
-REPOSITORY = Path(__file__).resolve().parents[2]
 
 
 @dataclass
@@ -89,7 +89,7 @@ def images_in(batch: Any, module: DistillationModule) -> tuple[int, list[int]]:
 def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
     """Run every measurement; write ``<out>/<experiment>-<hardware>.json``; return the record and its path."""
     device = resolve_device(options.device)
-    load_at_start = environment.load_average()  # before this process adds its own load
+    load_at_start = provenance.load_average()  # before this process adds its own load
     if options.precision == "bf16-mixed" and device.type == "cuda" and not torch.cuda.is_bf16_supported():
         raise SystemExit("error: --precision bf16-mixed but this GPU has no bf16 support")
     built = build_experiment(options.experiment, options.extra_args, device)
@@ -114,7 +114,7 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
     teacher_timing = time_step(
         teacher_forward_step(module, batch, options.precision), options.repeats, options.warmup, device
     )
-    # (c) the full distillation step, through DistillationModule._losses
+    # (c) the full distillation step, through DistillationModule.compute_losses
     distill_timing, distill_memory = measure_phase(
         lambda: distillation_step(module, batch, options.precision), options, device, memory
     )
@@ -127,7 +127,6 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
             options.warmup,
             device,
         )
-        module.teacher_cache = None
     release_gradients(module)
     checks = {
         name: time_step(step, options.repeats, options.warmup, device).as_dict()
@@ -179,22 +178,22 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
         else peer.compare(module, batch, options.repeats, options.warmup, options.precision, distill_timing.median_ms)
     )
 
-    description = environment.hardware(device)
+    description = provenance.hardware(device)
     record = {
         "experiment": options.experiment.stem,
         "config": str(options.experiment),
         "extra_args": options.extra_args,
         "hardware": description,
         "device": device.type,
-        "versions": environment.versions(),
-        "git": environment.git_commit(REPOSITORY),
+        "versions": provenance.versions(),
+        "git": dict(zip(("commit", "dirty"), provenance.git_state(), strict=True)),
         "precision": options.precision,
         "batch_size": batch_size,
         "input_size": input_size,
         "repeats": options.repeats,
         "warmup": options.warmup,
         "teacher_weights": built.teacher_weights,
-        "load_average": {"start": load_at_start, "end": environment.load_average(), "cores": environment.cpu_cores()},
+        "load_average": {"start": load_at_start, "end": provenance.load_average(), "cores": provenance.cpu_cores()},
         "steps": {
             "student_only": student_timing.as_dict(images=batch_size),
             "teacher_forward": teacher_timing.as_dict(images=batch_size),
@@ -233,7 +232,7 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
     suffix = "" if options.precision == "32" else f"-{options.precision}"
     if options.skip_losses or options.skip_peer or options.loss_scale != 1.0:
         suffix += "-partial"  # never mistaken for (or written over) a full record
-    path = options.out / f"{record['experiment']}-{environment.slug(description)}{suffix}.json"
+    path = options.out / f"{record['experiment']}-{provenance.slug(description)}{suffix}.json"
     if path.exists() and not options.overwrite:  # a committed record is replaced only when asked
         path = path.with_name(f"{path.stem}.{time.strftime('%Y%m%d-%H%M%S')}.json")
     path.parent.mkdir(parents=True, exist_ok=True)

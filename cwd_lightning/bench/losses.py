@@ -13,7 +13,7 @@ from torch import Tensor, nn
 
 from cwd_lightning import losses as loss_package
 from cwd_lightning.bench.timing import summarize, time_interleaved, time_step
-from cwd_lightning.losses.base import context_fields
+from cwd_lightning.losses.base import build_own_modules, declaration
 
 #: the CWD temperature used for the CWD / reference comparison (the paper's setting for logits)
 CWD_TAU = 4.0
@@ -133,7 +133,7 @@ def _context(loss: nn.Module, shape: tuple[int, int, int, int], device: torch.de
         "ignore_index": 255,
         "step": 0,
     }
-    return {field: given[field] for field in context_fields(loss)}
+    return {field: given[field] for field in declaration(loss, has_labels=True).context}
 
 
 def forward_backward(loss: nn.Module, student: Tensor, teacher: Tensor, context: dict) -> Callable[[], None]:
@@ -167,8 +167,7 @@ def benchmark_case(
     student = torch.randn(case.shape, generator=generator).to(device).requires_grad_(True)
     teacher = torch.randn(case.shape, generator=generator).to(device)
     try:
-        if hasattr(loss, "build"):  # own modules from the shapes, as the distiller's probe builds them
-            loss.build(student.shape, teacher.shape)
+        build_own_modules(loss, student.shape, teacher.shape)  # as the distiller's probe builds them
         loss.to(device).train()
         step = forward_backward(loss, student, teacher, _context(loss, case.shape, device))
         timing = time_step(step, repeats, warmup, device)

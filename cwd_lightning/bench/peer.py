@@ -23,7 +23,6 @@ from cwd_lightning.bench.timing import time_step
 from cwd_lightning.distill.module import DistillationModule
 from cwd_lightning.distill.terms import split_path
 from cwd_lightning.losses import ChannelWiseDivergence
-from cwd_lightning.tasks.segmentation import SegmentationTask
 
 #: the key our reference CWD is registered under in torchdistill's low-level loss registry
 LOSS_KEY = "cwd_lightning_reference_cwd"
@@ -47,8 +46,9 @@ def unsupported(module: DistillationModule, output: Any, masks: Tensor) -> str |
     batch), or None."""
     if module.distiller is None:
         return "the experiment has no distillation terms"
-    if not isinstance(module.task, SegmentationTask):
-        return f"task {type(module.task).__name__}: the peer uses torchdistill's CrossEntropyLoss (segmentation only)"
+    if not module.task.has_dense_labels:
+        return (f"task {type(module.task).__name__}: the peer's task loss is torchdistill's CrossEntropyLoss over "
+                "pixels, for tasks with dense labels only")  # fmt: skip
     for pair in module.distiller.iter_pairs():
         loss = pair.loss
         if not (isinstance(loss, ChannelWiseDivergence) and loss.normalize == "channel" and loss.divergence == "kl"):
@@ -170,7 +170,7 @@ def _loss_check(module: DistillationModule, box: Any, images: Tensor, masks: Ten
     global RNG is reseeded before each), in train mode as in a step, without gradients."""
     with torch.no_grad():
         torch.manual_seed(0)
-        task_loss, _, distill_total, values, _ = module._losses((images, masks), module.task.training_loss)
+        task_loss, _, distill_total, values, _ = module.compute_losses((images, masks), module.task.training_loss)
         torch.manual_seed(0)
         theirs_total = float(box.forward_process(images, targets=masks))
     ours_total = float(task_loss + distill_total)

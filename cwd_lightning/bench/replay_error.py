@@ -7,7 +7,7 @@ training image, the random scale, crop and flip of the experiment's training tra
 is the teacher's logits of the augmented image, the replayed one the un-augmented logits resized, cropped
 and flipped alike (padding excluded). It reports the CWD divergence between them (τ = 4 and 1, per
 channel as the loss sees it), the pixels whose class differs, and, for scale, the same divergence
-between two different augmentations of an image. Design (a) (``model.teacher_cache_views``) replays the
+between two different augmentations of an image. Design (a) (``model.teacher_cache``) replays the
 live targets exactly, so it needs no such measurement. Writes ``benchmarks/replay_error-<exp>.json``.
 """
 
@@ -23,9 +23,9 @@ import torch.nn.functional as F
 from torchvision.transforms.v2 import functional as TF
 
 from cwd_lightning.bench.build import build_experiment
-from cwd_lightning.bench.environment import hardware
 from cwd_lightning.losses.cwd import ChannelWiseDivergence
-from cwd_lightning.tasks.segmentation import main_logits
+from cwd_lightning.models.segmentation import main_logits
+from cwd_lightning.runs.provenance import hardware
 
 
 def _augment(image: torch.Tensor, size: int, crop: int, flip: bool, top: int, left: int) -> torch.Tensor:

@@ -10,7 +10,9 @@ from typing import Any, Literal
 
 import torch
 
-from cwd_lightning.distill.module import DistillationModule, finite_flags
+from cwd_lightning.distill.guards import finite_flags
+from cwd_lightning.distill.module import DistillationModule
+from cwd_lightning.distill.teacher import CachedTeacher
 from cwd_lightning.distill.teacher_cache import TeacherCache
 
 Precision = Literal["32", "bf16-mixed"]
@@ -58,22 +60,22 @@ def teacher_forward_step(module: DistillationModule, batch: Any, precision: Prec
     return step
 
 
-def distillation_step(module: DistillationModule, batch: Any, precision: Precision) -> Step:
-    """One full training step through ``DistillationModule._losses`` (teacher recorded under no_grad,
-    student recorded, every term), then backward and the optimiser step over ``trainable_parameters``;
-    a loss with an optimiser of its own (an adversarial discriminator) then takes its step as in
-    ``_manual_update``. No learning-rate schedule: it costs nothing measurable."""
+def distillation_step(module: DistillationModule, batch: Any, precision: Precision, teacher: Any = None) -> Step:
+    """One full training step through ``DistillationModule.compute_losses`` (teacher recorded under no_grad,
+    or ``teacher``'s tensors, student recorded, every term), then backward and the optimiser step over
+    ``trainable_parameters``; a loss with an optimiser of its own (an adversarial discriminator) then takes
+    its step as in ``_manual_update``. No learning-rate schedule: it costs nothing measurable."""
     module.train()
     optimizer = module.optimizer_factory(module.trainable_parameters())
-    pairs = {pair.key: pair for pair in module.distiller.iter_pairs()} if module.distiller is not None else {}
-    auxiliary = {
-        key: pairs[key].auxiliary_optimizer(pairs[key].loss.auxiliary_parameters()) for key in module.auxiliary_keys
-    }
+    auxiliary = {}
+    if module.distiller is not None:
+        pairs, optimizers = module.distiller.auxiliary_pairs(), module.distiller.auxiliary_optimizers()
+        auxiliary = {pair.key: optimizer for pair, optimizer in zip(pairs, optimizers, strict=True)}
 
     def step() -> None:
         with autocast(module.device, precision):
-            task_loss, _, distill_total, _, auxiliary_losses = module._losses(
-                batch, module.task.training_loss, auxiliary=bool(auxiliary)
+            task_loss, _, distill_total, _, auxiliary_losses = module.compute_losses(
+                batch, module.task.training_loss, teacher, auxiliary=bool(auxiliary)
             )
         optimizer.zero_grad(set_to_none=True)
         (task_loss + distill_total).backward()
@@ -97,7 +99,7 @@ def check_steps(module: DistillationModule, batch: Any, precision: Precision) ->
     BatchNorm statistics check before each validation and checkpoint (``non_finite_state``)."""
     module.train()
     with autocast(module.device, precision):
-        task_loss, _, distill_total, values, _ = module._losses(batch, module.task.training_loss)
+        task_loss, _, distill_total, values, _ = module.compute_losses(batch, module.task.training_loss)
     losses = (task_loss + distill_total, task_loss, *values.values())
     (task_loss + distill_total).backward()
     gradients = [p.grad for p in module.trainable_parameters() if p.grad is not None]
@@ -109,16 +111,16 @@ def check_steps(module: DistillationModule, batch: Any, precision: Precision) ->
 
 
 def cached_distillation_step(module: DistillationModule, batch: Any, precision: Precision, folder: Path) -> Step:
-    """The distillation step of a run with a teacher cache (``model.teacher_cache_views``): the teacher's
-    outputs for this batch are written once into a float16 cache in ``folder`` and every step reads them
-    back through the module's own cached path (memory-mapped file → float32 tensor) instead of running
-    the teacher. Leaves the cache attached to the module: detach it with ``module.teacher_cache = None``."""
+    """The distillation step of a run with a teacher cache (``model.teacher_cache``): the teacher's outputs
+    for this batch are written once into a float16 cache in ``folder`` and every step reads them back
+    through the cached source a run uses (memory-mapped file → float32 tensor) instead of running the
+    teacher."""
     images = module.task.batch_size(batch)
     keys = torch.stack([torch.arange(images), torch.zeros(images, dtype=torch.long)], dim=1)
-    outputs = module.teacher_outputs(batch)
+    outputs = module.live_teacher.outputs(batch)
     shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in outputs.items()}
     cache = TeacherCache(folder, shapes, images, views=1, dtype="float16")
     cache.fill(lambda _: outputs, [(*batch, keys)], identity={"what": "make bench: one batch"})
     cache.open()
-    module.teacher_cache = cache
-    return distillation_step(module, (*batch, keys.to(module.device)), precision)
+    cached = CachedTeacher(cache, module.distiller.teacher_recorder)
+    return distillation_step(module, (*batch, keys.to(module.device)), precision, teacher=cached)

@@ -7,10 +7,11 @@ from typing import Any
 import lightning as L
 from lightning.pytorch.loggers import WandbLogger
 
-from cwd_lightning.analysis.channel_maps import channel_entropy, channel_kl, spatial_distributions, top_k_channels
+from cwd_lightning.analysis.channel_maps import channel_entropy, spatial_distributions, top_k_channels
 from cwd_lightning.analysis.render import channel_grid, figure_to_array
 from cwd_lightning.callbacks.fixed_batch import FixedBatchCallback
 from cwd_lightning.distill.inspection import distillation_pairs
+from cwd_lightning.losses import ChannelWiseDivergence
 
 
 class ChannelDistributionMonitor(FixedBatchCallback):
@@ -40,10 +41,11 @@ class ChannelDistributionMonitor(FixedBatchCallback):
         payload: dict[str, Any] = {"trainer/global_step": trainer.global_step}
         for key, (student, teacher, tau, channel_names) in pairs.items():
             p_student, p_teacher = spatial_distributions(student, tau), spatial_distributions(teacher, tau)
-            kl = channel_kl(p_teacher, p_student).mean(0)
+            kl_per_sample = ChannelWiseDivergence(tau).kl_per_sample_channel(student, teacher)  # N×C, KL(T‖S)
+            kl = kl_per_sample.mean(0)
             entropy_teacher = channel_entropy(p_teacher).mean(0)
             entropy_student = channel_entropy(p_student).mean(0)
-            sample_kl = channel_kl(p_teacher[index : index + 1], p_student[index : index + 1])[0]
+            sample_kl = kl_per_sample[index]
             channels = top_k_channels(sample_kl, self.top_k)
             figure = channel_grid(
                 image,

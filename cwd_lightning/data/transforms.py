@@ -1,4 +1,5 @@
-"""Joint image/mask augmentation with torchvision transforms.v2 (masks: nearest, padded with 255)."""
+"""Augmentations with torchvision transforms.v2: joint image/mask (masks nearest, padded with 255) and
+image/box (boxes clipped, empty ones dropped)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import torch
 from torchvision import tv_tensors
 from torchvision.transforms import v2
 
-from cwd_lightning.data.readers import IGNORE_INDEX
+from cwd_lightning.data.images import IGNORE_INDEX
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,3 +67,26 @@ def eval_transforms(
             v2.Normalize(mean, std),
         ]
     )
+
+
+def detection_train_transforms(
+    size: int, scale_range: tuple[float, float] = (0.75, 1.25), crop: bool = True
+) -> v2.Compose:
+    """Random scale (shorter side), flip and, with ``crop``, a size×size crop (boxes clipped, empty ones
+    dropped); float in [0, 1] (torchvision detectors normalise inside their own transform)."""
+    low, high = (round(size * s) for s in scale_range)
+    crop_steps = [v2.RandomCrop(size, pad_if_needed=True, fill=0)] if crop else []
+    return v2.Compose(
+        [
+            v2.RandomResize(low, high + 1, antialias=True),
+            v2.RandomHorizontalFlip(),
+            *crop_steps,
+            v2.ClampBoundingBoxes(),
+            v2.SanitizeBoundingBoxes(min_size=1.0),
+            v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True),
+        ]
+    )
+
+
+def detection_eval_transforms() -> v2.Compose:
+    return v2.Compose([v2.ToDtype({tv_tensors.Image: torch.float32, "others": None}, scale=True)])

@@ -1,0 +1,29 @@
+"""The engine, the same for every task: the DistillationModule, its terms and the distiller that records and
+compares the tapped tensors, the connectors, the teacher and where its tensors come from, the guards."""
+
+from cwd_lightning.distill.connectors import build_connector, match_size
+from cwd_lightning.distill.distiller import Distiller, DistillPair, StepContext
+from cwd_lightning.distill.guards import NonFiniteGuard
+from cwd_lightning.distill.module import DistillationModule
+from cwd_lightning.distill.recorder import ForwardRecorder
+from cwd_lightning.distill.teacher import CachedTeacher, LiveTeacher, fingerprint, fingerprint_file
+from cwd_lightning.distill.teacher_cache import TeacherCache, TeacherCacheOptions
+from cwd_lightning.distill.terms import DistillTerm
+
+__all__ = [
+    "CachedTeacher",
+    "DistillPair",
+    "DistillTerm",
+    "DistillationModule",
+    "Distiller",
+    "ForwardRecorder",
+    "LiveTeacher",
+    "NonFiniteGuard",
+    "StepContext",
+    "TeacherCache",
+    "TeacherCacheOptions",
+    "build_connector",
+    "fingerprint",
+    "fingerprint_file",
+    "match_size",
+]

@@ -19,7 +19,7 @@ from torch import Tensor, nn
 from cwd_lightning.distill.connectors import build_connector, match_size
 from cwd_lightning.distill.recorder import ForwardRecorder
 from cwd_lightning.distill.terms import DistillTerm, pair_labels, select, split_path
-from cwd_lightning.losses.base import DistillationLoss, context_fields
+from cwd_lightning.losses.base import Declaration, build_own_modules, declaration
 
 
 @contextmanager
@@ -73,7 +73,7 @@ class DistillPair(nn.Module):
         self.call = call
         self.loss = copy.deepcopy(term.loss)  # each pair owns its loss (and whatever the loss builds)
         self.connector: nn.Module | None = None
-        self.context_fields: tuple[str, ...] = ()
+        self.declared = Declaration(context=(), auxiliary=False)  # read from the loss when the term is built
 
     @property
     def key(self) -> str:
@@ -98,24 +98,7 @@ class DistillPair(nn.Module):
         return student, teacher
 
     def value(self, student: Tensor, teacher: Tensor, context: StepContext) -> Tensor:
-        return self.loss(student, teacher, **context.for_loss(self.context_fields, student.shape[-2:]))
-
-    @property
-    def auxiliary_optimizer(self) -> Any:
-        return getattr(self.loss, "auxiliary_optimizer", None)
-
-
-def _check_auxiliary(term: DistillTerm, loss: nn.Module) -> None:
-    """A loss with an optimiser of its own must say what it trains and on which loss."""
-    if getattr(loss, "auxiliary_optimizer", None) is None:
-        return
-    parameters = getattr(loss, "auxiliary_parameters", list)()
-    method = getattr(type(loss), "auxiliary_loss", None)
-    if not callable(method) or method is DistillationLoss.auxiliary_loss or not parameters:
-        raise TypeError(
-            f"distillation term {term.name!r}: {type(loss).__name__} sets auxiliary_optimizer but has no "
-            "auxiliary_loss() or no auxiliary_parameters() (see losses/base.py)"
-        )
+        return self.loss(student, teacher, **context.for_loss(self.declared.context, student.shape[-2:]))
 
 
 class Distiller(nn.Module):
@@ -135,18 +118,21 @@ class Distiller(nn.Module):
         self.pairs = nn.ModuleDict()
 
     # ------------------------------------------------------------------ build
-    def build(self, run_student, run_teacher, has_labels: bool, ignore_index: int | None) -> None:
-        """Probe forward (``run_*`` call the model on an example input), then per term: expand paths ×
-        calls into pairs, build connectors and the losses' own modules from the probed shapes, check
-        what each loss asks of the context, and call it once so a shape mismatch fails now."""
-        with torch.no_grad(), self.student_recorder, self.teacher_recorder:
-            run_student()
-            run_teacher()
+    def build(self, task: Any, student: nn.Module, teacher: nn.Module) -> Distiller:
+        """Probe forward of both models on the task's example input (the student in eval mode, so no
+        BatchNorm statistics move), then per term: expand paths × calls into pairs, build connectors and the
+        losses' own modules from the probed shapes, check each loss's declaration, and call it once so a
+        shape mismatch fails now."""
+        example = task.example_input()
+        with evaluating(student), torch.no_grad(), self.student_recorder, self.teacher_recorder:
+            task.run(student, example, self.student_recorder.paths)
+            task.run(teacher, example, self.teacher_recorder.paths)
         try:
             for term in self.terms:
-                self.pairs[term.name] = nn.ModuleList(self._build_term(term, has_labels, ignore_index))
+                self.pairs[term.name] = nn.ModuleList(self._build_term(term, task.has_dense_labels, task.ignore_index))
         finally:
             self.clear()
+        return self
 
     def _build_term(self, term: DistillTerm, has_labels: bool, ignore_index: int | None) -> list[DistillPair]:
         sources: list[tuple[str, str, int | None]] = []
@@ -172,22 +158,17 @@ class Distiller(nn.Module):
             student, teacher = pair.tapped(self.student_recorder, self.teacher_recorder)
             if term.connector is not None:
                 pair.connector = build_connector(term.connector, student.shape[1], teacher.shape[1])
-            asked = context_fields(pair.loss)
-            if asked.get("labels") and not has_labels:
-                raise ValueError(
-                    f"distillation term {term.name!r}: {type(pair.loss).__name__} needs ground-truth labels, "
-                    "and this task has no dense labels"
-                )
-            pair.context_fields = tuple(asked)
             with torch.no_grad(), evaluating(pair):  # no BN statistics moved by the probe
                 student, teacher = pair.aligned(self.student_recorder, self.teacher_recorder)
             labels = torch.zeros(student.shape[0], *student.shape[2:], dtype=torch.long) if has_labels else None
             try:
-                if hasattr(pair.loss, "build"):
-                    pair.loss.build(student.shape, teacher.shape)
+                build_own_modules(pair.loss, student.shape, teacher.shape)
+                pair.declared = self._declaration(term, pair.loss, has_labels)
                 with torch.no_grad(), evaluating(pair):
                     pair.value(student, teacher, StepContext(labels, ignore_index))
             except ValueError as error:
+                if isinstance(error, _DeclarationError):
+                    raise
                 raise ValueError(
                     f"distillation term {term.name!r}: student {student_path!r} gives {tuple(student.shape[1:])} "
                     f"and teacher {teacher_path!r} gives {tuple(teacher.shape[1:])} (C×H×W) after the connector "
@@ -195,9 +176,17 @@ class Distiller(nn.Module):
                     "mismatch set connector: conv|conv_bn|conv_bn_relu and/or resize: "
                     "student_to_teacher|teacher_to_student."
                 ) from error
-            _check_auxiliary(term, pair.loss)
             pairs.append(pair)
         return pairs
+
+    @staticmethod
+    def _declaration(term: DistillTerm, loss: nn.Module, has_labels: bool) -> Declaration:
+        try:
+            return declaration(loss, has_labels)
+        except ValueError as error:
+            raise _DeclarationError(f"distillation term {term.name!r}: {error}") from None
+        except TypeError as error:
+            raise TypeError(f"distillation term {term.name!r}: {error}") from None
 
     # ------------------------------------------------------------------ steps
     def iter_pairs(self) -> Iterator[DistillPair]:
@@ -235,7 +224,7 @@ class Distiller(nn.Module):
                     term_values.append(value)
                     if pair.label:
                         values[pair.key] = value.detach()
-                    if auxiliary and pair.auxiliary_optimizer is not None:
+                    if auxiliary and pair.declared.auxiliary:
                         auxiliary_losses[pair.key] = pair.loss.auxiliary_loss(student.detach(), teacher.detach())
                 term_value = torch.stack(term_values).sum()
                 values[term.name] = term_value.detach()
@@ -244,21 +233,23 @@ class Distiller(nn.Module):
             self.clear()
         return total, values, auxiliary_losses
 
-    def rename_legacy_keys(self, state_dict: dict[str, Tensor]) -> None:
-        """Checkpoints written before pairs owned their connectors kept them as ``connectors.<term>`` or
-        ``connectors.<term>_<label>``; move those keys to the pair that owns them now."""
-        for term in self.terms:
-            for index, pair in enumerate(self.pairs[term.name]):
-                old = f"connectors.{term.name}_{pair.label}." if pair.label else f"connectors.{term.name}."
-                new = f"distiller.pairs.{term.name}.{index}.connector."
-                for key in [key for key in state_dict if key.startswith(old)]:
-                    state_dict[new + key[len(old) :]] = state_dict.pop(key)
-
     # ------------------------------------------------------------------ parameters
+    def auxiliary_pairs(self) -> list[DistillPair]:
+        """The pairs whose loss trains modules of its own with its own optimiser, in term order."""
+        return [pair for pair in self.iter_pairs() if pair.declared.auxiliary]
+
+    def auxiliary_optimizers(self) -> list[torch.optim.Optimizer]:
+        """One optimiser per ``auxiliary_pairs()`` entry, over what that loss trains alone."""
+        return [pair.loss.auxiliary_optimizer(pair.loss.auxiliary_parameters()) for pair in self.auxiliary_pairs()]
+
     def auxiliary_parameter_ids(self) -> set[int]:
-        return {id(p) for pair in self.iter_pairs() for p in getattr(pair.loss, "auxiliary_parameters", list)()}
+        return {id(p) for pair in self.auxiliary_pairs() for p in pair.loss.auxiliary_parameters()}
 
     def trainable_parameters(self) -> list[nn.Parameter]:
         """Connectors and the losses' own modules, without what a second optimiser trains."""
         auxiliary = self.auxiliary_parameter_ids()
         return [p for p in self.parameters() if p.requires_grad and id(p) not in auxiliary]
+
+
+class _DeclarationError(ValueError):
+    """A loss's declaration refused when its term is built (not a shape the loss cannot compare)."""

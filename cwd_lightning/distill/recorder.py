@@ -17,8 +17,8 @@ def resolve_module(model: nn.Module, path: str, side: str = "model") -> nn.Modul
         return modules[path]
     close = difflib.get_close_matches(path, [name for name in modules if name], n=3, cutoff=0.5)
     hint = f"; did you mean {', '.join(repr(c) for c in close)}?" if close else ""
-    if path.isidentifier():  # YAML reads an unquoted [out] as a list holding 'out'
-        hint += f'; for the key {path!r} of the model\'s output write the path "[{path}]", quoted in YAML'
+    if path.isidentifier():  # YAML and jsonargparse read the old selector form [out] as a list holding 'out'
+        hint += f"; for the key {path!r} of the model's output write the path '/{path}' (old form: '[{path}]')"
     top = ", ".join(repr(name) for name, _ in model.named_children())
     raise ValueError(f"no module {path!r} in {side}{hint} (top-level modules: {top})")
 

@@ -1,8 +1,8 @@
 """A dense teacher-output cache: the teacher's recorded tensors for K fixed augmented views of every
 training image, computed once and replayed, so that a distillation step costs the student's step.
 
-Design (a) of the issue: the training loader shows, in epoch e, view e mod K of each image, augmented
-from a seed fixed per (run seed, image, view) (``data/resumable.py``), so the cached teacher output is
+Design (a), exact replay: the training loader shows, in epoch e, view e mod K of each image, augmented
+from a seed fixed per (run seed, image, view) (``data/sampling.py``), so the cached teacher output is
 the teacher's output on exactly the image the student sees: the targets are the live ones (bit for bit
 in float32, within float16 rounding in float16). What changes against a live teacher is the
 augmentation diversity: K views per image instead of a new one every epoch.
@@ -21,8 +21,9 @@ import json
 import os
 import shutil
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
@@ -32,6 +33,23 @@ from tqdm import tqdm
 FORMAT = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
 _INDEX = "cache.json"
+
+
+@dataclass
+class TeacherCacheOptions:
+    """``model.teacher_cache``: train from the teacher's recorded tensors for ``views`` fixed augmented views
+    of every training image, filled once into ``folder`` (default ``~/.cache/cwd_lightning/teacher_cache``),
+    stored as ``dtype`` (float32: the live targets bit for bit)."""
+
+    views: int
+    folder: str | None = None
+    dtype: Literal["float16", "float32"] = "float16"
+
+    def __post_init__(self) -> None:
+        if self.views < 1:
+            raise ValueError(f"model.teacher_cache.views must be ≥ 1, got {self.views}")
+        if self.dtype not in DTYPES:
+            raise ValueError(f"model.teacher_cache.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
 
 
 def default_root() -> Path:
@@ -53,10 +71,10 @@ class TeacherCache:
 
     # ---------------------------------------------------------------- identity and size
     @staticmethod
-    def identity(module: Any, datamodule: Any, views: int, dtype: str, shapes: dict[str, list[list[int]]]) -> dict:
+    def identity(teacher: str, datamodule: Any, views: int, dtype: str, shapes: dict[str, list[list[int]]]) -> dict:
         return {
             "format": FORMAT,
-            "teacher": module.teacher_fingerprint,
+            "teacher": teacher,
             "data": datamodule.cache_identity(),
             "seed": int(os.environ.get("PL_GLOBAL_SEED", 0)),
             "views": views,
@@ -68,6 +86,10 @@ class TeacherCache:
         """The data of one tensor's file (its .npy header adds about 128 bytes)."""
         shape = self.shapes[path][call]
         return self.images * self.views * int(np.prod(shape)) * np.dtype(DTYPES[self.dtype]).itemsize
+
+    def recorded_fill_seconds(self) -> float:
+        """How long the fill that wrote this cache took (from ``cache.json``; any run that filled it)."""
+        return float(json.loads((self.folder / _INDEX).read_text())["fill_seconds"])
 
     @property
     def size_bytes(self) -> int:
@@ -112,8 +134,8 @@ class TeacherCache:
         if self.size_bytes > free:
             raise OSError(
                 f"the teacher cache needs {self.size_bytes / 2**30:.2f} GiB in {self.folder} but only "
-                f"{free / 2**30:.2f} GiB are free: free space, set model.teacher_cache_dir to another disk, "
-                "use fewer views (model.teacher_cache_views) or float16"
+                f"{free / 2**30:.2f} GiB are free: free space, set model.teacher_cache.folder to another disk, "
+                "use fewer views (model.teacher_cache.views) or float16"
             )
         if self.folder.exists():
             shutil.rmtree(self.folder)  # an incomplete or damaged cache: never read, filled again
@@ -155,3 +177,23 @@ class TeacherCache:
 def cache_folder(root: Path, identity: dict) -> Path:
     digest = hashlib.sha256(json.dumps(identity, sort_keys=True).encode()).hexdigest()[:20]
     return root / digest
+
+
+def open_cache(options: TeacherCacheOptions, live: Any, fingerprint: str, trainer: Any, device: Any) -> TeacherCache:
+    """The cache of this teacher (``live``: a ``LiveTeacher``), data and views: found, or filled on rank 0 when
+    missing or damaged (the other ranks wait, then read the same files), and opened."""
+    data = trainer.datamodule
+    loader = data.views_loader(batch_size=data.batch_size)
+    first = next(iter(loader))
+    first = (first[0].to(device), *first[1:])
+    shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in live.outputs(first).items()}
+    identity = TeacherCache.identity(fingerprint, data, options.views, options.dtype, shapes)
+    root = Path(options.folder) if options.folder else default_root()
+    cache = TeacherCache(cache_folder(root, identity), shapes, len(data.train_set), options.views, options.dtype)
+    if trainer.is_global_zero and not cache.is_complete():
+        cache.fill(lambda batch: live.outputs((batch[0].to(device), *batch[1:])), loader, identity)
+    trainer.strategy.barrier("teacher_cache")
+    if not cache.is_complete():
+        raise RuntimeError(f"the teacher cache {cache.folder} is incomplete after filling it")
+    cache.open()
+    return cache

@@ -10,7 +10,11 @@ from torch import Tensor, nn
 
 from cwd_lightning.distill.connectors import ConnectorKind, ResizeMode
 
-_SELECTOR = re.compile(r"^(?P<module>[^\[\]]*)(?:\[(?P<key>[^\[\]]+)\])?$")
+#: ``<module path>`` or ``<module path>/<key>``: a dotted module path (empty: the model itself), and the key or
+#: index of its output to take (module paths never contain "/", and YAML reads these forms as plain strings)
+_SELECTOR = re.compile(r"^(?P<module>[^/\[\]]*)(?:/(?P<key>[^/\[\]]+))?$")
+#: the form these paths had before: ``backbone.fpn[p6]``, ``[out]``
+_OLD_SELECTOR = re.compile(r"^(?P<module>[^\[\]]*)\[(?P<key>[^\[\]]+)\]$")
 
 Calls = int | list[int] | Literal["all"] | None
 
@@ -20,8 +24,9 @@ class DistillTerm:
     """``weight · loss(student tensor, teacher tensor)`` for one or several pairs of tapped tensors.
 
     Paths are dotted module names relative to the student / teacher, optionally with a selector for
-    modules that return a tuple or dict: ``decoder``, ``backbone.fpn[p6]``, ``head[0]``. A list of
-    paths expands the term over several pairs (e.g. FPN levels), logged one by one and summed.
+    modules that return a tuple or dict: ``decoder``, ``backbone.fpn/p6``, ``head/0``, and ``/out`` for the
+    key ``out`` of the model's own output. A list of paths expands the term over several pairs (e.g. FPN
+    levels), logged one by one and summed.
 
     ``calls`` picks which call of a module that runs several times per forward is compared (a shared
     detection head runs once per FPN level): an index, a list of indices, or ``all``; each chosen
@@ -50,8 +55,12 @@ class DistillTerm:
                 "teacher path(s); they are paired one to one"
             )
         for path in student + teacher:
-            if not _SELECTOR.match(path):
-                raise ValueError(f"distillation term {self.name!r}: malformed path {path!r}")
+            if (old := _OLD_SELECTOR.match(path)) is not None:
+                raise ValueError(f"distillation term {self.name!r}: the selector {path!r} is written "
+                                 f"{old['module'] + '/' + old['key']!r} now")  # fmt: skip
+            if not isinstance(path, str) or not _SELECTOR.match(path):
+                raise ValueError(f"distillation term {self.name!r}: malformed path {path!r} (a dotted module path, "
+                                 "optionally /<key> of its output)")  # fmt: skip
         calls = [self.calls] if isinstance(self.calls, int) else self.calls
         if isinstance(calls, list) and (not calls or any(not isinstance(c, int) or c < 0 for c in calls)):
             raise ValueError(f"distillation term {self.name!r}: calls must be 'all', an index ≥ 0 or a list of them")
@@ -83,11 +92,11 @@ class DistillTerm:
 
 def pair_labels(paths: list[str], calls: list[int | None]) -> list[str]:
     """Distinct, readable log labels for a term's pairs: the shortest trailing part of the teacher
-    paths that tells them apart (``fpn[p3]`` … → ``p3``; ``body[0]``, ``fpn[0]`` → ``body_0``,
+    paths that tells them apart (``fpn/p3`` … → ``p3``; ``body/0``, ``fpn/0`` → ``body_0``,
     ``fpn_0``), plus ``call<k>`` for a chosen call. A single pair has the label ``''``."""
     if len(paths) == 1:
         return [""]
-    parts = [re.split(r"[.\[\]]+", path.strip("]")) for path in paths]
+    parts = [re.split(r"[./]+", path.strip("/")) for path in paths]
     suffixes = [[f"call{call}"] if call is not None else [] for call in calls]
     for depth in range(max(len(part) for part in parts) + 1):  # depth 0: the calls alone, if they differ
         labels = ["_".join([*part[len(part) - depth :], *suffix]) for part, suffix in zip(parts, suffixes, strict=True)]
@@ -99,7 +108,7 @@ def pair_labels(paths: list[str], calls: list[int | None]) -> list[str]:
 
 
 def split_path(path: str) -> tuple[str, str | None]:
-    """``'backbone.fpn[p6]'`` → ``('backbone.fpn', 'p6')``."""
+    """``'backbone.fpn/p6'`` → ``('backbone.fpn', 'p6')``; ``'/out'`` → ``('', 'out')``."""
     match = _SELECTOR.match(path)
     assert match is not None
     return match["module"], match["key"]
@@ -121,6 +130,6 @@ def select(output: Any, key: str | None, where: str) -> Tensor:
     if not isinstance(output, Tensor):
         raise TypeError(
             f"{where}: output is a {type(output).__name__}, not a tensor; add a selector such as "
-            "'path[0]' or 'path[key]'"
+            "'path/0' or 'path/key'"
         )
     return output

@@ -4,12 +4,13 @@ the authors' code form as used by CIRKD (``losses/at.py``) and mmrazor (``losses
 from __future__ import annotations
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 
-class AttentionTransfer(nn.Module):
+class AttentionTransfer(DistillationLoss):
     """Squared difference of the normalised spatial attention maps.
 
     a(F) = vec(mean_c |F|^p) / max(‖vec(mean_c |F|^p)‖₂, 1e-12): one unit vector of length H·W per

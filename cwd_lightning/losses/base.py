@@ -1,25 +1,27 @@
-"""What a distillation loss may declare beyond ``forward(student, teacher)``.
+"""The contract of a distillation loss: what it may declare beyond ``forward(student, teacher)``, and the one
+check of that declaration the engine makes when it builds a term.
 
-A loss is an ``nn.Module`` called as ``loss(student, teacher, **context)`` on the aligned pair of one
-term. Plain two-tensor modules (``ChannelWiseDivergence``, ``torch.nn.MSELoss``) need nothing of this
-file. A loss that needs more declares it, and the engine checks the declaration when it is built:
+A loss is an ``nn.Module`` called as ``loss(student, teacher, **context)`` on the aligned pair of one term.
+Plain two-tensor modules (``ChannelWiseDivergence``, ``torch.nn.MSELoss``) declare nothing. A loss that needs
+more declares it:
 
-- **context**: keyword parameters of ``forward`` named after ``CONTEXT_FIELDS`` are filled by the
-  engine: ``labels`` (N×H×W int64 ground truth, nearest-resized to the compared maps, ignore pixels
-  kept as ``ignore_index``), ``ignore_index`` and ``step`` (the global step). A required parameter
-  with any other name is an error at build time.
-- **own modules**: ``build(student_shape, teacher_shape)`` runs once per pair, on the loss's own copy,
-  with the probed shapes; modules it creates are trained with the student, saved in checkpoints and
-  left out of the export.
-- **own optimiser**: a loss whose ``auxiliary_optimizer`` is set also trains ``auxiliary_parameters()``
-  on ``auxiliary_loss(student, teacher)`` with a second optimiser (an adversarial discriminator).
+- **context**: keyword parameters of ``forward`` named after ``CONTEXT_FIELDS`` are filled by the engine:
+  ``labels`` (N×H×W int64 ground truth, nearest-resized to the compared maps, ignore pixels kept as
+  ``ignore_index``), ``ignore_index`` and ``step`` (the global step). A required parameter with any other
+  name is an error when the term is built, as is ``labels`` on a task without dense labels.
+- **own modules**: ``build(student_shape, teacher_shape)`` runs once per pair, on the loss's own copy, with
+  the probed shapes; modules it creates are trained with the student, saved in checkpoints and left out of
+  the export.
+- **own optimiser**: a loss whose ``auxiliary_optimizer`` is set also trains ``auxiliary_parameters()`` on
+  ``auxiliary_loss(student, teacher)`` with a second optimiser (an adversarial discriminator): one update
+  after each student update, on detached maps.
 """
 
 from __future__ import annotations
 
 import inspect
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -28,7 +30,7 @@ CONTEXT_FIELDS = ("labels", "ignore_index", "step")
 
 
 class DistillationLoss(nn.Module):
-    """Optional base class: the hooks below, with defaults that declare nothing."""
+    """Base class of the losses here: the declarations above, with defaults that declare nothing."""
 
     #: a callable ``params -> torch.optim.Optimizer`` for ``auxiliary_parameters()``; None: no second optimiser
     auxiliary_optimizer: Callable[..., torch.optim.Optimizer] | None = None
@@ -45,52 +47,47 @@ class DistillationLoss(nn.Module):
         raise NotImplementedError(f"{type(self).__name__} declares no auxiliary loss")
 
 
-def context_fields(loss: nn.Module) -> dict[str, bool]:
-    """The context fields that ``loss.forward`` asks for, each with whether it is required; a required
-    parameter the engine cannot fill (anything beyond the two tensors and ``CONTEXT_FIELDS``) is an
-    error naming the loss."""
+@dataclass(frozen=True)
+class Declaration:
+    """What the engine gives a loss and does for it, read once from the loss when its term is built."""
+
+    context: tuple[str, ...]  # the context fields its forward takes
+    auxiliary: bool  # whether it trains modules of its own with its own optimiser
+
+
+def build_own_modules(loss: nn.Module, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
+    """``loss.build(...)`` for a loss that builds modules from the probed shapes (any other loss: nothing)."""
+    build = getattr(loss, "build", None)
+    if callable(build):
+        build(student_shape, teacher_shape)
+
+
+def declaration(loss: nn.Module, has_labels: bool) -> Declaration:
+    """The loss's declaration, checked (after ``build_own_modules``): its forward asks only for what the
+    engine can give (``labels`` only on a task with dense labels), and a loss with an optimiser of its own
+    says what it trains and on which loss. Errors name the loss."""
+    name = type(loss).__name__
     parameters = list(inspect.signature(loss.forward).parameters.values())
     tensors = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
     if len(tensors) < 2:
-        raise TypeError(f"{type(loss).__name__}.forward must take (student, teacher) tensors first")
-    asked: dict[str, bool] = {}
+        raise TypeError(f"{name}.forward must take (student, teacher) tensors first")
+    context = []
     for parameter in parameters:
         if parameter in tensors or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
             continue
         if parameter.name in CONTEXT_FIELDS:
-            asked[parameter.name] = parameter.default is parameter.empty
+            context.append(parameter.name)
+            if parameter.name == "labels" and parameter.default is parameter.empty and not has_labels:
+                raise ValueError(f"{name} needs ground-truth labels, and this task has no dense labels")
         elif parameter.default is parameter.empty:
             raise TypeError(
-                f"{type(loss).__name__}.forward needs {parameter.name!r}, which the engine cannot give; "
+                f"{name}.forward needs {parameter.name!r}, which the engine cannot give; "
                 f"a loss can ask for the two tensors and {', '.join(CONTEXT_FIELDS)}"
             )
-    return asked
-
-
-@contextmanager
-def full_precision(tensor: Tensor) -> Iterator[None]:
-    """No autocast inside: losses are computed in fp32 even in a mixed-precision run."""
-    with torch.autocast(device_type=tensor.device.type, enabled=False):
-        yield
-
-
-def check_maps(name: str, student: Tensor, teacher: Tensor, *, same_channels: bool = True) -> None:
-    """Both N×C×H×W with the same N, H, W (and C unless the loss compares across channel counts)."""
-    axes = (0, 1, 2, 3) if same_channels else (0, 2, 3)
-    if student.ndim != 4 or teacher.ndim != 4 or any(student.shape[a] != teacher.shape[a] for a in axes):
-        what = "N×C×H×W tensors of the same shape" if same_channels else "N×C×H×W tensors with the same N, H, W"
-        raise ValueError(
-            f"{name} expects two {what}, got student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
-        )
-
-
-def check_labels(name: str, labels: Tensor | None, student: Tensor) -> Tensor:
-    """Labels present and N×H×W matching the compared maps."""
-    if labels is None:
-        raise ValueError(f"{name} needs ground-truth labels; the task gave none (a segmentation task does)")
-    if labels.shape != (student.shape[0], *student.shape[2:]):
-        raise ValueError(
-            f"{name}: labels {tuple(labels.shape)} do not match the maps' N×H×W "
-            f"{(student.shape[0], *student.shape[2:])}"
-        )
-    return labels.long()
+    auxiliary = getattr(loss, "auxiliary_optimizer", None) is not None
+    if auxiliary:
+        method = getattr(type(loss), "auxiliary_loss", None)
+        if not callable(method) or method is DistillationLoss.auxiliary_loss or not loss.auxiliary_parameters():
+            raise TypeError(f"{name} sets auxiliary_optimizer but has no auxiliary_loss() or no "
+                            "auxiliary_parameters() (see losses/base.py)")  # fmt: skip
+    return Declaration(tuple(context), auxiliary)

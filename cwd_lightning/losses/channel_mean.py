@@ -3,12 +3,13 @@ Prediction", ICCV 2021), as TD's ``CriterionCWD(norm_type='channel_mean', diverg
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 
-class ChannelMeanMSE(nn.Module):
+class ChannelMeanMSE(DistillationLoss):
     """Squared difference of the spatial mean of each channel.
 
     μ(n,c) = mean over H·W of the map; L = Σ_{n,c} (μ_S − μ_T)² / (N·C). No temperature (the

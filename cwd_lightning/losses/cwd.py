@@ -6,15 +6,16 @@ from __future__ import annotations
 from typing import Literal
 
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 Normalize = Literal["channel", "spatial"]
 Divergence = Literal["kl", "symmetric_kl", "mse"]
 
 
-class ChannelWiseDivergence(nn.Module):
+class ChannelWiseDivergence(DistillationLoss):
     """KL(teacher ‖ student) between per-channel spatial distributions.
 
     Each channel of an N×C×H×W map becomes a distribution over its H·W positions,

@@ -5,9 +5,10 @@ segmentation/losses/dist_kd.py``) with mmrazor's and torchdistill's τ."""
 from __future__ import annotations
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 #: added to the product of norms in the cosine, as in the reference
 COSINE_EPSILON = 1e-8
@@ -20,7 +21,7 @@ def pearson_correlation(a: Tensor, b: Tensor, dim: int) -> Tensor:
     return (a * b).sum(dim) / (a.norm(dim=dim) * b.norm(dim=dim) + COSINE_EPSILON)
 
 
-class DIST(nn.Module):
+class DIST(DistillationLoss):
     """τ² · (β · inter + γ · intra) on the per-pixel class distributions.
 
     The N×C×H×W logits become (N·H·W)×C rows, one per pixel, y = softmax over C of z/τ.
@@ -29,7 +30,7 @@ class DIST(nn.Module):
     torchdistill's; DIST_KD's segmentation code has no τ, which is the default τ = 1.
 
     mmrazor and torchdistill do not reshape 4-D maps, so their intra term correlates over the batch
-    axis at each (c,h,w): wrong for dense maps, non-zero for student = teacher (METHODS.md §16.5). We
+    axis at each (c,h,w): wrong for dense maps, non-zero for student = teacher (docs/methods.md, DIST). We
     reshape as DIST_KD does. The value is ≈ 0 (not exactly, because of the epsilon) when the maps
     agree; a constant row or column correlates as 0. Same C required. Computed in fp32 over the local
     batch (no all-gather, as in the reference); the teacher side is detached.

@@ -6,7 +6,8 @@ from __future__ import annotations
 import torch
 from torch import Tensor, nn
 
-from cwd_lightning.losses.base import DistillationLoss, check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 
 class FitNets(DistillationLoss):

@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.nn.utils.parametrizations import spectral_norm
 
-from cwd_lightning.losses.base import DistillationLoss, check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 
 class SelfAttention(nn.Module):

@@ -6,15 +6,16 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_labels, check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_labels, check_maps, full_precision
 
 #: added to each class's pixel count before dividing, as in the reference
 COUNT_EPSILON = 1e-6
 
 
-class IntraClassFeatureVariation(nn.Module):
+class IntraClassFeatureVariation(DistillationLoss):
     """Squared difference of each pixel's cosine to its class centre.
 
     For image n and class k, the centre is μ_k = Σ_{y=k} f / (count_k + 1e-6), per image and per

@@ -7,9 +7,10 @@ from __future__ import annotations
 from typing import Literal
 
 import torch
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 Similarity = Literal["cosine", "l2"]
 
@@ -17,7 +18,7 @@ Similarity = Literal["cosine", "l2"]
 NEIGHBOUR_OFFSETS = ((-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1))
 
 
-class LocalAffinity(nn.Module):
+class LocalAffinity(DistillationLoss):
     """Squared difference of each pixel's similarity to its 8 neighbours.
 
     Only interior pixels count (no padding: an (H−2)×(W−2) grid per image). With f_i the C-vector at

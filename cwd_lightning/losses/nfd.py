@@ -6,9 +6,10 @@ from __future__ import annotations
 
 from typing import Literal
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 Axis = Literal["spatial", "channel", "layer"]
 
@@ -16,7 +17,7 @@ Axis = Literal["spatial", "channel", "layer"]
 AXIS_DIMS = {"spatial": (2, 3), "channel": (1,), "layer": (1, 2, 3)}
 
 
-class NormalizedFeatureDistillation(nn.Module):
+class NormalizedFeatureDistillation(DistillationLoss):
     """Mean squared difference of the standardised maps (our definition; the paper's is unverified).
 
     Each map is standardised, x' = (x − mean) / sqrt(var + eps) with the biased variance, over

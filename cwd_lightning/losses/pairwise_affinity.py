@@ -5,12 +5,13 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps, full_precision
+from cwd_lightning.losses.base import DistillationLoss
+from cwd_lightning.losses.maps import check_maps, full_precision
 
 
-class PairwiseAffinity(nn.Module):
+class PairwiseAffinity(DistillationLoss):
     """Squared difference of the cosine affinity between all pairs of (pooled) positions.
 
     The map is max-pooled with kernel = stride = ``pool_size`` (``ceil_mode=True``; 1 = no pooling),

@@ -3,13 +3,14 @@ Segmentation", CVPR 2019), in CIRKD's reduction (``winycg/CIRKD losses/kd.py``).
 
 from __future__ import annotations
 
-from torch import Tensor, nn
+from torch import Tensor
 
-from cwd_lightning.losses.base import check_maps
+from cwd_lightning.losses.base import DistillationLoss
 from cwd_lightning.losses.cwd import ChannelWiseDivergence
+from cwd_lightning.losses.maps import check_maps
 
 
-class PixelWiseKD(nn.Module):
+class PixelWiseKD(DistillationLoss):
     """KL(teacher ‖ student) between the class distributions of each pixel.
 
     Each position of an N×C×H×W map becomes a distribution over its C channels, p = softmax(z / τ).

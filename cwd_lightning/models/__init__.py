@@ -1,1 +1,20 @@
-"""Segmentation networks built here (the smp and torchvision ones are built by their libraries)."""
+"""Networks: segmentation (smp), detection (torchvision), the paper's dilated segmentors and their heads,
+ready-made models from the zoos, and the portable (exportable) form of a segmentation student."""
+
+from cwd_lightning.models.detection import build_detector
+from cwd_lightning.models.dilated import DilatedSegmentor, build_dilated_segmentor
+from cwd_lightning.models.portable import PortableSegmenter, portable_segmenter
+from cwd_lightning.models.segmentation import build_segmentation_model, main_logits
+from cwd_lightning.models.zoo import smp_pretrained, torchvision_model
+
+__all__ = [
+    "DilatedSegmentor",
+    "PortableSegmenter",
+    "build_detector",
+    "build_dilated_segmentor",
+    "build_segmentation_model",
+    "main_logits",
+    "portable_segmenter",
+    "smp_pretrained",
+    "torchvision_model",
+]

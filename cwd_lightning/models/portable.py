@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cwd_lightning.tasks.segmentation import main_logits
+from cwd_lightning.models.segmentation import main_logits
 
 
 def _pooling_matrix(size: int, bins: int, like: Tensor) -> Tensor:

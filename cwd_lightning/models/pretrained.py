@@ -4,6 +4,8 @@ built without them (no download just to replace the weights; rebuilds work offli
 from __future__ import annotations
 
 import copy
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 #: smp/timm encoders (``encoder_weights``), our detectors (``backbone_weights``), torchvision (``weights``)
@@ -18,3 +20,25 @@ def without_pretrained(spec: dict[str, Any]) -> dict[str, Any]:
         if init_args.get(key) is not None:
             init_args[key] = None
     return spec
+
+
+@contextmanager
+def built_without_pretrained(model_config: Any, sides: list[str]) -> Iterator[None]:
+    """Inside the block, the pretrained-weights arguments of ``model_config[side]`` (a parsed ``model``
+    section; ``side`` = ``teacher`` or ``student``) are None, so those networks are built without fetching
+    weights that a checkpoint will replace; afterwards the config holds the values as written (the saved
+    config keeps them)."""
+    changed = [
+        (model_config[side]["init_args"], key, model_config[side]["init_args"][key])
+        for side in sides
+        if model_config.get(side) is not None and model_config[side].get("init_args") is not None
+        for key in PRETRAINED_ARGUMENTS
+        if model_config[side]["init_args"].get(key) is not None
+    ]
+    for init_args, key, _ in changed:
+        init_args[key] = None
+    try:
+        yield
+    finally:
+        for init_args, key, value in changed:
+            init_args[key] = value

@@ -14,8 +14,8 @@ from typing import Any
 import torch
 from torch import nn
 
+from cwd_lightning.models.detection import keep_box_outputs_in_float32
 from cwd_lightning.safe_load import load_weights_only
-from cwd_lightning.tasks.detection import keep_box_outputs_in_float32
 
 
 def torchvision_model(

@@ -8,6 +8,7 @@ import statistics
 from pathlib import Path
 from typing import Any
 
+from cwd_lightning.analysis.tables import duration, markdown_table, mean_std
 from cwd_lightning.sweeps.spec import Table
 
 
@@ -19,20 +20,16 @@ def collect(table: Table, results: Path) -> dict[str, list[dict]]:
     return found
 
 
-def _mean_std(values: list[float]) -> tuple[float, float]:
-    return statistics.fmean(values), statistics.stdev(values) if len(values) > 1 else 0.0
-
-
 def table_rows(table: Table, results: Path) -> list[dict[str, Any]]:
     """One dict per row: label, n, mean, std, Δ vs baseline, per-seed values, mean wall and CPU time."""
     found = collect(table, results)
     baseline = [r["best"] for r in found[table.baseline]]
-    base_mean = _mean_std(baseline)[0] if baseline else None
+    base_mean = mean_std(baseline)[0] if baseline else None
     rows = []
     for row in table.rows:
         done = found[row.name]
         values = [r["best"] for r in done]
-        mean, std = _mean_std(values) if values else (None, None)
+        mean, std = mean_std(values) if values else (None, None)
         cpu = [r["cpu_s"] for r in done if "cpu_s" in r]
         rows.append({
             "row": row.name, "label": row.label, "n": len(values), "mean": mean, "std": std,
@@ -43,17 +40,10 @@ def table_rows(table: Table, results: Path) -> list[dict[str, Any]]:
     return rows
 
 
-def _duration(seconds: float | None) -> str:
-    if seconds is None:
-        return "–"
-    minutes, seconds = divmod(int(seconds), 60)
-    return f"{minutes} min {seconds:02d} s"
-
-
 def write_markdown(table: Table, results: Path) -> Path:
     found = collect(table, results)
     everything = [r for rs in found.values() for r in rs]
-    metric = everything[0]["metric"] if everything else "val/mIoU"
+    metric = everything[0]["metric"] if everything else "best metric"
     teachers = sorted({str(r["teacher_fingerprint"])[:12] for r in everything if r["teacher_fingerprint"]})
     side_by_side = sorted({str(r.get("runs_side_by_side", 1)) for r in everything})
     lines = [f"# {table.title}", ""]
@@ -71,17 +61,19 @@ def write_markdown(table: Table, results: Path) -> Path:
         "wall times include that sharing, CPU times do not depend on it",
         f"- teacher fingerprint(s): {', '.join(teachers) or '–'}",
         "",
-        f"| method | runs | {metric} mean ± std | Δ vs baseline | per seed | wall time / run | CPU time / run |",
-        "|---|---|---|---|---|---|---|",
     ]  # fmt: skip
+    rows = []
     for row in table_rows(table, results):
         if not row["n"]:
-            lines.append(f"| {row['label']} | 0 | – | – | – | – | – |")
+            rows.append([row["label"], 0, None, None, None, None, None])
             continue
         delta = f"{row['delta']:+.4f}" if row["delta"] is not None else ""
         seeds = ", ".join(f"{v:.4f}" for v in row["values"])
-        lines.append(f"| {row['label']} | {row['n']} | {row['mean']:.4f} ± {row['std']:.4f} | {delta} | {seeds} | "
-                     f"{_duration(row['wall_s'])} | {_duration(row['cpu_s'])} |")  # fmt: skip
+        rows.append([row["label"], row["n"], f"{row['mean']:.4f} ± {row['std']:.4f}", delta, seeds,
+                     duration(row["wall_s"]), duration(row["cpu_s"])])  # fmt: skip
+    columns = ["method", "runs", f"{metric} mean ± std", "Δ vs baseline", "per seed", "wall time / run",
+               "CPU time / run"]  # fmt: skip
+    lines += markdown_table(columns, rows)
     path = results / f"{table.name}_table.md"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n".join(lines) + "\n")

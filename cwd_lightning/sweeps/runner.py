@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import contextlib
-import hashlib
 import io
 import json
 import os
@@ -17,15 +16,17 @@ import torch
 import yaml
 
 from cwd_lightning.analysis.runs import load_run
+from cwd_lightning.distill.teacher import fingerprint_file
+from cwd_lightning.runs.identity import identity_digest
+from cwd_lightning.runs.provenance import commit, hardware
 from cwd_lightning.safe_load import load_weights_only
 from cwd_lightning.sweeps.markdown import log_wandb_table, write_markdown
-from cwd_lightning.sweeps.provenance import commit, hardware, teacher_fingerprint
-from cwd_lightning.sweeps.spec import Row, Table, added_keys, check_same_recipe
+from cwd_lightning.sweeps.spec import Row, Table, check_same_recipe
 
 
-def resolved_config(row: Row, table: Table, experiments: Path) -> str:
-    """The row's resolved config (as ``--print_config`` gives it, term overrides applied, in this process),
-    the seed and run name left out: a changed YAML, default or argument changes the result's digest."""
+def resolved_config(row: Row, table: Table, experiments: Path) -> dict:
+    """The row's resolved config (as ``--print_config`` gives it, term overrides applied, in this process): a
+    changed YAML, default or argument changes it, and so the digest of the run's identity."""
     from cwd_lightning.cli import DistillCLI
 
     args = ["fit", "--config", str(experiments / f"{row.config}.yaml"), *table.args, *row.args, "--print_config"]
@@ -38,8 +39,13 @@ def resolved_config(row: Row, table: Table, experiments: Path) -> str:
                 raise RuntimeError(
                     f"table {table.name!r}, row {row.name!r}: the config does not resolve:\n{errors.getvalue()[-2000:]}"
                 ) from None
-    skipped = ("seed_everything:", "experiment:")
-    return "\n".join(line for line in printed.getvalue().splitlines() if not line.startswith(skipped))
+    return yaml.safe_load(printed.getvalue())
+
+
+def teacher_fingerprint(resolved: dict) -> str | None:
+    """The fingerprint of the teacher a resolved config names (as the run will compute it), or None."""
+    checkpoint = (resolved.get("model") or {}).get("teacher_checkpoint")
+    return fingerprint_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
 
 
 def _environment(threads: int | None) -> dict[str, str]:
@@ -61,7 +67,8 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
             number += 1
         run_dir.rename(aside)
     command = [sys.executable, "-m", "cwd_lightning", "fit", "--config", str(experiments / f"{row.config}.yaml"),
-               "--experiment", run_dir.name, "--runs_root", str(runs), "--seed_everything", str(seed),
+               "--experiment", run_dir.name, "--runs_root", str(runs), "--group", table.name,
+               "--seed_everything", str(seed),
                "--trainer.enable_progress_bar", "false", *table.args, *row.args]  # fmt: skip
     print(f"[{table.name}] {row.name} seed {seed}: {' '.join(command[2:])}", flush=True)
     runs.mkdir(parents=True, exist_ok=True)
@@ -77,7 +84,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
         raise RuntimeError(f"[{table.name}] {row.name} seed {seed} failed (exit {process.returncode}); "
                            f"see {runs / f'{run_dir.name}.log'}")  # fmt: skip
     checkpoint = load_weights_only(run_dir / "best.ckpt", "run checkpoint")
-    best = next(state for key, state in checkpoint["callbacks"].items() if key.startswith("ModelCheckpoint"))
+    best = next(state for state in checkpoint["callbacks"].values() if state.get("monitor"))  # best.ckpt's callback
     result = {
         "table": table.name,
         "row": row.name,
@@ -93,7 +100,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
         "runs_side_by_side": jobs,
         "torch": torch.__version__,
         "commit": code_version,
-        "teacher_fingerprint": checkpoint.get("hyper_parameters", {}).get("teacher_fingerprint"),
+        "teacher_fingerprint": checkpoint.get("teacher_fingerprint"),
         "config": row.config,
         "args": [*table.args, *row.args],
         "config_digest": digest,
@@ -114,30 +121,13 @@ def write_result(path: Path, result: dict) -> None:
     temporary.replace(path)  # a result file is whole or absent
 
 
-def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool,
-                   config: dict | None = None) -> dict | None:  # fmt: skip
-    """The result at ``path`` if it was made with the same resolved config and teacher. An outdated one is
-    moved to ``stale/`` (kept, not overwritten) when ``set_aside``, so the run is repeated.
-
-    Results keep their resolved config (``resolved_config``; added to older files whose digest still
-    matches), so a config that has only gained keys since (a new argument at its default) is recognised
-    as the same run: its digest is updated and the added keys recorded, instead of a re-run."""
+def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool) -> dict | None:
+    """The result at ``path`` if it was made with the same run identity (``runs/identity.py``) and teacher.
+    An outdated one is moved to ``stale/`` (kept, not overwritten) when ``set_aside``, so the run is repeated."""
     if not path.is_file():
         return None
     result = json.loads(path.read_text())
-    same_teacher = result.get("teacher_fingerprint") == teacher
-    if result.get("config_digest") == digest and same_teacher:
-        if config is not None and "resolved_config" not in result and set_aside:
-            result["resolved_config"] = config
-            write_result(path, result)
-        return result
-    added = added_keys(result["resolved_config"], config) if config and "resolved_config" in result else None
-    if same_teacher and added is not None:
-        if set_aside:
-            migrations = [*result.get("config_migrations", []), {"from": result["config_digest"], "added": added}]
-            result.update(config_digest=digest, resolved_config=config, config_migrations=migrations)
-            write_result(path, result)
-        print(f"{path}: the config only gained {added} since; the same run", flush=True)
+    if result.get("config_digest") == digest and result.get("teacher_fingerprint") == teacher:
         return result
     if set_aside:
         stale = path.parent / "stale" / f"{path.stem}.{result.get('finished', 'old').replace(' ', '_')}.json"
@@ -155,20 +145,19 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
     unknown = sorted(set(rows or []) - {row.name for row in table.rows})
     if unknown:
         raise ValueError(f"table {table.name!r} has no row(s) {unknown}; its rows: {[row.name for row in table.rows]}")
-    texts = {row.name: resolved_config(row, table, experiments) for row in table.rows}
-    resolved = {name: yaml.safe_load(text) for name, text in texts.items()}
+    resolved = {row.name: resolved_config(row, table, experiments) for row in table.rows}
     check_same_recipe(table, resolved)
-    digests = {name: hashlib.sha256(text.encode()).hexdigest()[:16] for name, text in texts.items()}
+    digests = {name: identity_digest(config) for name, config in resolved.items()}
     teachers = {name: teacher_fingerprint(config) for name, config in resolved.items()}
     pending = []
     for seed in [seed for seed in table.seeds if seeds is None or seed in seeds]:
         for row in [row for row in table.rows if rows is None or row.name in rows]:
             digest, teacher = digests[row.name], teachers[row.name]
             path = results / table.name / row.name / f"seed{seed}.json"
-            if current_result(path, digest, teacher, set_aside=not dry_run, config=resolved[row.name]) is not None:
+            if current_result(path, digest, teacher, set_aside=not dry_run) is not None:
                 print(f"[{table.name}] {row.name} seed {seed}: done ({path})", flush=True)
             elif row.reuse and (shared := current_result(results / row.reuse / f"seed{seed}.json", digest, teacher,
-                                                         set_aside=False, config=resolved[row.name])):  # fmt: skip
+                                                         set_aside=False)):  # fmt: skip
                 if not dry_run:
                     write_result(path, {**shared, "table": table.name, "row": row.name, "label": row.label,
                                         "reused_from": row.reuse})  # fmt: skip

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib
 from collections.abc import Sequence
 from typing import Any
 
@@ -18,6 +19,9 @@ class Task(nn.Module):
     #: whether ``dense_labels`` gives per-pixel labels (losses such as IFVD need them)
     has_dense_labels: bool = False
     ignore_index: int | None = None
+    #: whether a student of this task exports as one graph, images in and outputs at their size out
+    #: (``torch.export`` / ONNX); otherwise the export writes its state_dict only
+    exports_graph: bool = False
 
     def example_input(self) -> Any:
         """A small input used once at construction to check paths, shapes and channel counts."""
@@ -58,3 +62,32 @@ class Task(nn.Module):
 
     def batch_size(self, batch: Any) -> int:
         return len(self.batch_inputs(batch))
+
+
+def check_class_counts(task: Task, student: nn.Module | None = None, data: Any = None) -> None:
+    """The student and the data have the task's classes: else the task loss fails at the first step (a
+    label the student has no output for, reported as a bad mask) or classes go unused. A teacher may
+    predict others (a COCO detector distilling its FPN into an 80-class student); a term comparing its
+    logits with the student's then fails at the build's probe, which compares their channels."""
+    expected = getattr(task, "num_classes", None)
+    if expected is None:
+        return
+    if student is not None and (classes := task.output_classes(student)) not in (None, expected):
+        raise ValueError(
+            f"model.student predicts {classes} classes but model.task.init_args.num_classes is {expected}: make "
+            "them agree (for the builders here: model.student.init_args.num_classes)"
+        )
+    classes = getattr(data, "num_classes", None)
+    if classes is None and getattr(data, "class_names", None) is not None:
+        classes = len(data.class_names)
+    if classes is not None and classes != expected:
+        raise ValueError(f"data has {classes} classes (data.init_args.num_classes / class_names) but the "
+                         f"task has {expected} (model.task.init_args.num_classes): make them agree")  # fmt: skip
+
+
+def monitored_metric(task_spec: dict[str, Any]) -> str:
+    """The metric that selects the best checkpoint, of a task given as ``{class_path, init_args}`` (a saved
+    config): read off the task class, so nothing outside ``tasks/`` needs to know metric names."""
+    module_name, _, name = str(task_spec["class_path"]).rpartition(".")
+    task_class = getattr(importlib.import_module(module_name), name)
+    return task_class.monitor

@@ -1,12 +1,38 @@
-"""A CSV metrics log that a resumed run appends to (Lightning's CSVLogger deletes it)."""
+"""A run's loggers: W&B (offline unless asked, grouped by the config's ``group``, continued under the run's id on
+resume) and a ``metrics.csv`` that a resume appends to; the learning rate once per optimiser step."""
 
 from __future__ import annotations
 
 import csv
 import os
+from pathlib import Path
+from typing import Any
 
-from lightning.pytorch.loggers import CSVLogger
+import lightning as L
+from lightning.pytorch.callbacks import LearningRateMonitor
+from lightning.pytorch.loggers import CSVLogger, WandbLogger
 from lightning.pytorch.loggers.csv_logs import ExperimentWriter
+
+WANDB_PROJECT = "cwd_lightning"
+
+
+def run_loggers(run_dir: Path, run_id: str, group: str | None, methods: list[str]) -> list[Any]:
+    """W&B and CSV loggers of the run in ``run_dir``. ``group`` puts the runs that compare with each other
+    side by side (teacher, baseline and distilled students; a table's rows); ``methods`` are the classes of
+    its distillation losses (none: a network trained alone)."""
+    job = "distill" if methods else "train"
+    wandb_logger = WandbLogger(
+        project=os.environ.get("WANDB_PROJECT", WANDB_PROJECT),
+        name=run_dir.name,
+        id=run_id,
+        resume="allow",
+        save_dir=str(run_dir),
+        offline=os.environ.get("WANDB_MODE", "offline") != "online",
+        group=group,
+        job_type=job,
+        tags=[job, *methods],
+    )
+    return [wandb_logger, AppendingCSVLogger(str(run_dir))]
 
 
 class _AppendingWriter(ExperimentWriter):
@@ -52,3 +78,17 @@ class AppendingCSVLogger(CSVLogger):
             os.makedirs(self.root_dir, exist_ok=True)
             self._experiment = _AppendingWriter(log_dir=self.log_dir)
         return self._experiment
+
+
+class StepLearningRateMonitor(LearningRateMonitor):
+    """The learning rate once per optimiser step: Lightning's monitor logs at every batch of a step whose
+    logging is due, so with gradient accumulation the same step was logged once per micro-batch."""
+
+    def __init__(self, **kwargs: Any) -> None:
+        super().__init__(**kwargs)
+        self._last_step = -1
+
+    def on_train_batch_start(self, trainer: L.Trainer, *args: Any, **kwargs: Any) -> None:
+        if trainer.global_step != self._last_step:
+            self._last_step = trainer.global_step
+            super().on_train_batch_start(trainer, *args, **kwargs)

@@ -10,11 +10,11 @@ from __future__ import annotations
 import difflib
 import importlib
 import inspect
+import os
 import re
 import sys
 from typing import NoReturn
 
-from jsonargparse._common import debug_mode_active
 from lightning.pytorch.cli import LightningArgumentParser
 
 #: how jsonargparse names a key it does not know, in its messages
@@ -55,7 +55,7 @@ class SuggestingParser(LightningArgumentParser):
                 hint = f"did you mean {' or '.join(repr(c) for c in close)}?" if close else "no similar key"
                 text = f"{text.splitlines()[0]} ({key!r}: {hint})"
                 break
-        if not self.exit_on_error or debug_mode_active():
+        if not self.exit_on_error or os.environ.get("JSONARGPARSE_DEBUG"):  # jsonargparse's own debug switch
             super().error(text, ex)
         prog = parser.prog.replace(" [options]", "")
         sys.stderr.write(f"error: {text}\n(all options: {prog} --help)\n")

@@ -1,18 +1,26 @@
-"""Image / mask pairs from the standard on-disk layouts, with errors that name the file at fault."""
+"""Segmentation data: image/mask pairs in the Pascal VOC 2012 layout (VOC, VOC + SBD trainaug, the embedded
+``shapes``) or the Cityscapes layout, and the DataModule over them."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from collections.abc import Callable
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import numpy as np
 import torch
-from PIL import Image, UnidentifiedImageError
-from torch.utils.data import Dataset
+from torch.utils.data import DataLoader, Dataset
+from torchdata.stateful_dataloader import StatefulDataLoader
 from torchvision import tv_tensors
 
-IGNORE_INDEX = 255
+from cwd_lightning.data.base import CheckedDataModule
+from cwd_lightning.data.images import IGNORE_INDEX, read_image, read_mask
+from cwd_lightning.data.sampling import all_views_loader, resumable_train_loader
+from cwd_lightning.data.shapes import ShapesSpec, generate_shapes
+from cwd_lightning.data.transforms import IMAGENET_MEAN, IMAGENET_STD, eval_transforms, train_transforms
 
 VOC_HINT = (
     "Get Pascal VOC 2012 from the official site (VOCtrainval_11-May-2012.tar) and point data.root at "
@@ -40,25 +48,6 @@ def cityscapes_label_lut() -> np.ndarray:
     return lut
 
 
-def read_image(path: Path) -> np.ndarray:
-    try:
-        with Image.open(path) as image:
-            return np.array(image.convert("RGB"))
-    except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"cannot read image {path}: {error}") from error
-
-
-def read_mask(path: Path) -> np.ndarray:
-    """Class indices of a palette ('P') or grayscale ('L') PNG, never its colours."""
-    try:
-        with Image.open(path) as image:
-            if image.mode not in ("P", "L"):
-                raise ValueError(f"mask {path} has mode {image.mode}; expected a palette or grayscale PNG")
-            return np.array(image)
-    except (OSError, UnidentifiedImageError) as error:
-        raise ValueError(f"cannot read mask {path}: {error}") from error
-
-
 class SegmentationFiles(Dataset):
     """(image, mask) pairs from a list of file paths; masks are checked when loaded."""
 
@@ -76,6 +65,12 @@ class SegmentationFiles(Dataset):
 
     def __len__(self) -> int:
         return len(self.pairs)
+
+    def sample_files(self) -> list[list[Path]]:
+        return [list(pair) for pair in self.pairs]
+
+    def drop(self, indices: set[int]) -> None:
+        self.pairs = [pair for index, pair in enumerate(self.pairs) if index not in indices]
 
     def load(self, index: int) -> tuple[np.ndarray, np.ndarray]:
         image_path, mask_path = self.pairs[index]
@@ -148,3 +143,96 @@ def _check_exist(pairs: list[tuple[Path, Path]], source: Path) -> None:
         raise FileNotFoundError(
             f"{len(missing)} file(s) listed by {source} are missing: {', '.join(missing[:3])}{more}"
         )
+
+
+class SegmentationDataModule(CheckedDataModule):
+    """Reads ``root`` in the ``voc`` layout (VOC 2012, VOC + SBD trainaug, the embedded ``shapes``) or
+    the ``cityscapes`` layout. With ``shapes`` set, the embedded dataset is generated into ``root`` on
+    first use."""
+
+    def __init__(
+        self,
+        root: str,
+        num_classes: int,
+        layout: Literal["voc", "cityscapes"] = "voc",
+        train_split: str = "train",
+        val_split: str = "val",
+        crop_size: int = 512,
+        base_size: int = 512,
+        scale_range: tuple[float, float] = (0.5, 2.0),
+        val_resize: int | None = None,
+        batch_size: int = 8,
+        val_batch_size: int = 1,
+        num_workers: int = 4,
+        mean: tuple[float, float, float] = IMAGENET_MEAN,
+        std: tuple[float, float, float] = IMAGENET_STD,
+        shapes: ShapesSpec | None = None,
+        download: bool = False,
+        on_bad_sample: Literal["error", "skip"] = "error",
+    ) -> None:
+        super().__init__(on_bad_sample)
+        # checkpoints must load with weights_only=True: keep hyperparameters to plain types
+        self.save_hyperparameters(ignore=["shapes"])
+        self.hparams["shapes"] = asdict(shapes) if shapes is not None else None
+        self.root = Path(root)
+        self.num_classes = num_classes
+        self.layout = layout
+        self.train_split, self.val_split = train_split, val_split
+        self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
+        self.shapes, self.download = shapes, download
+        self.teacher_views = 0  # set by a teacher cache (model.teacher_cache)
+        self.train_tf = train_transforms(crop_size, base_size, scale_range, mean, std)
+        self.eval_tf = eval_transforms(val_resize, mean, std)
+
+    def prepare_data(self) -> None:
+        if self.shapes is not None:
+            generate_shapes(self.root, self.shapes)
+        elif self.download and self.layout == "voc" and not self.root.is_dir():
+            _download_voc(self.root)
+
+    def dataset(self, split: str, training: bool) -> SegmentationFiles:
+        transforms = self.train_tf if training else self.eval_tf
+        if self.layout == "cityscapes":
+            return SegmentationFiles(cityscapes_pairs(self.root, split), self.num_classes, transforms,
+                                     label_lut=cityscapes_label_lut())  # fmt: skip
+        return SegmentationFiles(voc_pairs(self.root, split), self.num_classes, transforms)
+
+    def train_dataloader(self) -> StatefulDataLoader:
+        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, views=self.teacher_views)
+
+    # ---------------------------------------------------------------- what a teacher cache needs
+    def use_teacher_views(self, views: int) -> None:
+        """Train on ``views`` fixed augmented views per image, each batch with its cache keys."""
+        self.teacher_views = views
+
+    def views_loader(self, batch_size: int) -> StatefulDataLoader:
+        return all_views_loader(self.train_set, self.teacher_views, batch_size, self.num_workers)
+
+    def cache_identity(self) -> dict[str, Any]:
+        """Everything that decides the augmented training images: a cache made under other settings is
+        never served (the list of files with their sizes and modification times, and every transform)."""
+        files = [
+            [str(p.resolve()), p.stat().st_size, p.stat().st_mtime_ns] for pair in self.train_set.pairs for p in pair
+        ]
+        return {
+            "files": hashlib.sha256(json.dumps(files).encode()).hexdigest(),
+            "images": len(self.train_set),
+            "train_transforms": repr(self.train_tf),
+            "num_classes": self.num_classes,
+            "layout": self.layout,
+        }
+
+    def val_dataloader(self) -> DataLoader:
+        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+
+
+def _download_voc(root: Path) -> None:
+    """VOC 2012 trainval through torchvision's downloader (into root/../.. as VOCdevkit/VOC2012)."""
+    from torchvision.datasets import VOCSegmentation
+
+    if root.parts[-2:] != ("VOCdevkit", "VOC2012"):
+        raise ValueError(f"data.download needs data.root to end in VOCdevkit/VOC2012, got {root}")
+    try:
+        VOCSegmentation(str(root.parent.parent), year="2012", image_set="train", download=True)
+    except Exception as error:
+        raise RuntimeError(f"downloading Pascal VOC 2012 into {root} failed ({error}). {VOC_HINT}") from error
