@@ -1,62 +1,46 @@
-"""Shared fixtures: tiny models and tiny data in the real formats; nothing is downloaded."""
+"""Fixtures shared by the test modules: tiny data in the real formats, tiny runs through the CLI and teacher
+weights files; nothing is downloaded."""
 
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+import torch
+
+from tests.helpers import REPO, run_cli, tiny_overrides, tiny_segmenter
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ["WANDB_MODE"] = "offline"
 os.environ.setdefault("WANDB_SILENT", "true")
 
-REPO = Path(__file__).resolve().parents[1]
-
 
 @pytest.fixture(scope="session")
 def tiny_shapes(tmp_path_factory) -> Path:
     """A small generated `shapes` dataset (VOC layout), shared by the tests of a session."""
-    from cwd_lightning.data.shapes import ShapesSpec, generate_shapes
+    from cwd_lightning.data import ShapesSpec, generate_shapes
 
     root = tmp_path_factory.mktemp("data") / "shapes"
     return generate_shapes(root, ShapesSpec(num_train=24, num_val=8, image_size=32, seed=1))
 
 
-def run_cli(*args: str, cwd: Path) -> subprocess.CompletedProcess:
-    """``python -m cwd_lightning ...`` in a fresh process, W&B offline, no hub access."""
-    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
-    # a W&B service started by this pytest process (in-process fits) must not be shared with the command,
-    # as a user's shell would not: a killed run's id would stay "in use" in it and its resume be refused
-    env.pop("WANDB_SERVICE", None)
-    return subprocess.run([sys.executable, "-m", "cwd_lightning", *args], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=600)  # fmt: skip
+@pytest.fixture()
+def teacher_file(tmp_path) -> Path:
+    """An FPN-R18 teacher (random weights, seed 0) as a state_dict file."""
+    torch.manual_seed(0)
+    path = tmp_path / "teacher.pt"
+    torch.save(tiny_segmenter("FPN", "resnet18").state_dict(), path)
+    return path
 
 
-def tiny_overrides(data_root: Path, steps: int) -> list[str]:
-    """Shrink an experiment to a few steps on the tiny dataset (32×32, batch 4)."""
-    return [
-        "--trainer.max_steps", str(steps), "--trainer.val_check_interval", "2",
-        "--trainer.log_every_n_steps", "1", "--trainer.enable_progress_bar", "false",
-        "--data.init_args.root", str(data_root), "--data.init_args.shapes", "null",
-        "--data.init_args.crop_size", "32", "--data.init_args.base_size", "32",
-        "--data.init_args.batch_size", "4", "--data.init_args.num_workers", "0",
-        "--model.task.init_args.example_size", "32",
-    ]  # fmt: skip
-
-
-def tiny_cwd_fit(teacher_run, data_root: Path, runs: Path, experiment: str, steps: int) -> list[str]:
-    """``fit`` of shapes_cwd shrunk by ``tiny_overrides``, distilled from ``teacher_run`` (poly schedule, so
-    a resume may extend it), into ``runs/<experiment>``."""
-    _, teacher_dir, _, _ = teacher_run
-    return [
-        "fit", "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--experiment", experiment,
-        "--runs_root", str(runs), "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
-        "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), "--model.lr_schedule", "poly",
-        *tiny_overrides(data_root, steps),
-    ]  # fmt: skip
+@pytest.fixture(scope="session")
+def unet_teacher(tmp_path_factory) -> Path:
+    """A U-Net-R18 teacher (the `shapes` teacher network, random weights) as a state_dict file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teachers") / "unet.pt"
+    torch.save(tiny_segmenter("Unet", "resnet18").state_dict(), path)
+    return path
 
 
 @pytest.fixture(scope="session")

@@ -1,0 +1,112 @@
+"""Two-process DDP on the CPU (gloo, subprocesses): one run record, validation equal to one process, gradient
+accumulation, a teacher cache filled once."""
+
+from __future__ import annotations
+
+import csv
+import re
+from collections import Counter
+from pathlib import Path
+
+import pytest
+import yaml
+
+from cwd_lightning.safe_load import load_weights_only
+from tests.helpers import run_cli, tiny_cwd_fit
+
+
+def _args(teacher_run, tiny_shapes, runs: Path, experiment: str, steps: int, *extra: str) -> list[str]:
+    return [*tiny_cwd_fit(teacher_run, tiny_shapes, runs, experiment, steps), "--trainer.callbacks", "[]",
+            "--trainer.accelerator", "cpu", *extra]  # fmt: skip
+
+
+def _rows(run_dir: Path) -> list[dict[str, str]]:
+    with open(run_dir / "metrics.csv", newline="") as handle:
+        return list(csv.DictReader(handle))
+
+
+@pytest.fixture(scope="module")
+def ddp_runs(teacher_run, tiny_shapes, tmp_path_factory):
+    """The same 4-step fit (batch 4 per process) with 1 process and with 2 DDP processes; validation of the
+    8 val images every 2 steps (4 per rank under DDP, so no padding duplicates)."""
+    runs = tmp_path_factory.mktemp("ddp") / "runs"
+    single = run_cli(*_args(teacher_run, tiny_shapes, runs, "single", 4, "--trainer.devices", "1"), cwd=runs.parent)
+    assert single.returncode == 0, single.stderr[-3000:]
+    double = run_cli(*_args(teacher_run, tiny_shapes, runs, "ddp", 4, "--trainer.devices", "2",
+                            "--trainer.strategy", "ddp"), cwd=runs.parent)  # fmt: skip
+    return runs, single, double
+
+
+def test_two_processes_write_one_run_record(ddp_runs):
+    runs, _, double = ddp_runs
+    assert double.returncode == 0, double.stderr[-3000:]
+    run_dir = runs / "ddp"
+    assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["best.ckpt", "last.ckpt", "last.prev.ckpt"]
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [run_id]
+    assert double.stdout.count("run folder:") == 1  # the end-of-fit summary, once (rank 0)
+    assert "Traceback" not in double.stderr
+    steps = [row["step"] for row in _rows(run_dir) if row.get("train/loss")]
+    assert not [s for s, n in Counter(steps).items() if n > 1]  # one logger: each step once
+    checkpoint = load_weights_only(run_dir / "last.ckpt", "checkpoint")
+    assert checkpoint["global_step"] == 4 and checkpoint["run_id"] == run_id
+    assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])  # never wrapped, never saved
+
+
+def test_ddp_validation_equals_the_single_process_value_on_the_same_weights(ddp_runs, tmp_path):
+    """Validate the 2-process run's best checkpoint with 1 and with 2 processes: metrics synchronised
+    across ranks give the same mIoU as one process over all 8 images."""
+    runs, _, double = ddp_runs
+    assert double.returncode == 0, double.stderr[-3000:]
+    config, best = runs / "ddp" / "config.yaml", runs / "ddp" / "best.ckpt"
+    common = ["validate", "--config", str(config), "--runs_root", str(runs), "--ckpt_path", str(best),
+              "--trainer.accelerator", "cpu"]  # fmt: skip
+    one = run_cli(*common, "--trainer.devices", "1", cwd=tmp_path)
+    two = run_cli(*common, "--trainer.devices", "2", "--trainer.strategy", "ddp", cwd=tmp_path)
+    assert one.returncode == 0 and two.returncode == 0, (one.stderr[-2000:], two.stderr[-2000:])
+
+    def miou(output: str) -> float:
+        (value,) = re.findall(r"val/mIoU\W+([0-9]+\.[0-9]+(?:e-?[0-9]+)?)", output)
+        return float(value)
+
+    assert miou(two.stdout) == pytest.approx(miou(one.stdout), abs=1e-6)
+    logged = [float(row["val/mIoU"]) for row in _rows(runs / "ddp") if row.get("val/mIoU")]
+    assert any(abs(value - miou(one.stdout)) < 1e-6 for value in logged), logged  # what the DDP fit logged
+
+
+def test_gradient_accumulation_keeps_the_validation_cadence_and_logs_each_step_once(teacher_run, tiny_shapes,
+                                                                                    tmp_path):  # fmt: skip
+    runs = tmp_path / "runs"
+    result = run_cli(*_args(teacher_run, tiny_shapes, runs, "accumulated", 4, "--trainer.accumulate_grad_batches",
+                            "2", "--trainer.limit_val_batches", "1"), cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = _rows(runs / "accumulated")
+    validated = [int(row["step"]) for row in rows if row.get("val/mIoU")]
+    # after optimiser steps 2 and 4 (= every 4 micro-batches; logged at the last step's index, 1 and 3, as
+    # without accumulation), not after every 2 micro-batches (0, 1, 2, 3)
+    assert validated == [1, 3]
+    assert len([row for row in rows if row.get("train/loss")]) == 4
+    saved = yaml.safe_load((runs / "accumulated" / "config.yaml").read_text())["trainer"]
+    assert saved["val_check_interval"] == 2  # as written: a resume from config.yaml keeps the cadence
+    lr_steps = [row["step"] for row in rows if row.get("lr-AdamW")]
+    assert lr_steps and len(lr_steps) == len(set(lr_steps))  # once per optimiser step
+    assert {row.get("global_batch_size") for row in rows if row.get("global_batch_size")} == {"8.0"}
+
+
+def test_ddp_with_a_teacher_cache_fills_it_once_and_every_rank_reads_it(teacher_run, tiny_shapes, tmp_path):
+    runs, cache = tmp_path / "runs", tmp_path / "cache"
+    extra = ["--trainer.devices", "2", "--trainer.strategy", "ddp", "--model.teacher_cache.views", "2",
+             "--model.teacher_cache.folder", str(cache)]  # fmt: skip
+    result = run_cli(*_args(teacher_run, tiny_shapes, runs, "cached", 4, *extra), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]  # one cache, written by rank 0
+    assert (folder / "cache.json").is_file() and len(list(folder.glob("*.npy"))) == 1
+    stamp = (folder / "cache.json").stat().st_mtime_ns
+    rows = _rows(runs / "cached")
+    assert {row["teacher_cache/size_mib"] for row in rows if row.get("teacher_cache/size_mib")}
+    # resumed (a longer poly schedule): the cache is found and read, not filled again
+    resumed = run_cli("fit", "--config", str(runs / "cached" / "config.yaml"), "--ckpt_path", "last",
+                      "--trainer.max_steps", "6", cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert (folder / "cache.json").stat().st_mtime_ns == stamp
+    assert load_weights_only(runs / "cached" / "last.ckpt", "checkpoint")["global_step"] == 6

@@ -1,0 +1,108 @@
+"""Every experiment file parses, prints its config and builds offline with its own networks (its construction
+probe runs), and the presets of a family share their W&B group."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+from pathlib import Path
+
+import pytest
+import torch
+import yaml
+
+from cwd_lightning.analysis.runs import build
+from cwd_lightning.cli import DistillCLI, main
+from cwd_lightning.models.pretrained import PRETRAINED_ARGUMENTS, without_pretrained
+from tests.helpers import REPO
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_parses(config):
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out), pytest.raises(SystemExit) as exit_info:
+        main(["fit", "--config", str(config), "--print_config"])
+    assert exit_info.value.code in (0, None)
+    resolved = yaml.safe_load(out.getvalue())
+    builder = resolved["model"]["student"]["class_path"].rsplit(".", 1)[-1]
+    assert builder in ("build_segmentation_model", "build_dilated_segmentor", "build_detector")
+    data, task = resolved["data"]["init_args"], resolved["model"]["task"]["init_args"]
+    num_data_classes = data["num_classes"] if "num_classes" in data else len(data["class_names"])
+    assert num_data_classes == task["num_classes"] == resolved["model"]["student"]["init_args"]["num_classes"]
+    if config.stem.endswith("_cwd"):
+        teacher = resolved["model"]["teacher"]["class_path"]
+        if teacher.startswith("cwd_lightning.models.zoo."):  # a ready-made teacher: its builder loads the weights
+            assert resolved["model"]["teacher_checkpoint"] is None
+        else:
+            expected = f"runs/{config.stem.replace('_cwd', '_teacher')}/best.ckpt"
+            assert resolved["model"]["teacher_checkpoint"] == expected
+        assert resolved["model"]["terms"][0]["loss"]["class_path"].endswith("ChannelWiseDivergence")
+
+
+EXPERIMENTS = sorted((REPO / "experiments").glob("*.yaml"))
+
+
+def _resolved(config: Path) -> dict:
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed), pytest.raises(SystemExit):
+        DistillCLI(args=["fit", "--config", str(config), "--print_config"])
+    return yaml.safe_load(printed.getvalue())
+
+
+#: detectors are probed at 256 px: small, and P7 (stride 128) still 2×2, so every FPN level carries signal
+DETECTION_SIZE = "256"
+
+
+def _offline(side: str, spec: dict) -> list[str]:
+    """No pretrained weights, and detectors at a small size (the probe only needs shapes to line up)."""
+    args = []
+    for key in PRETRAINED_ARGUMENTS:
+        if (spec.get("init_args") or {}).get(key) is not None:
+            args += [f"--model.{side}.init_args.{key}", "null"]
+    for key in ("min_size", "max_size"):
+        if (spec.get("init_args") or {}).get(key) is not None:
+            args += [f"--model.{side}.init_args.{key}", DETECTION_SIZE]
+    return args
+
+
+@pytest.mark.parametrize("config", EXPERIMENTS, ids=lambda path: path.stem)
+def test_every_experiment_builds_offline(config, tmp_path, monkeypatch):
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+
+    def no_download(*args, **kwargs):
+        raise AssertionError(f"a download was attempted: {args}")
+
+    monkeypatch.setattr(torch.hub, "download_url_to_file", no_download)
+    resolved = _resolved(config)
+    model = resolved["model"]
+    detection = model["task"]["class_path"].endswith("DetectionTask")
+    args = ["--config", str(config), "--runs_root", str(tmp_path / "runs"), "--trainer.logger", "false",
+            "--model.task.init_args.example_size", DETECTION_SIZE if detection else "64",
+            *_offline("student", model["student"])]  # fmt: skip
+    if model.get("teacher"):
+        teacher = build(without_pretrained(model["teacher"]))
+        torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
+        args += ["--model.teacher_checkpoint", str(tmp_path / "teacher.pt"), *_offline("teacher", model["teacher"])]
+    cli = DistillCLI(args=args, run=False)
+    terms = model.get("terms") or []
+    built = [] if cli.model.distiller is None else list(cli.model.distiller.iter_pairs())
+    assert sorted({pair.term_name for pair in built}) == sorted(term["name"] for term in terms)
+    assert (cli.model.teacher is None) == (not model.get("teacher"))
+
+
+def test_a_network_a_checkpoint_replaces_is_built_without_downloading_its_pretrained_weights(tmp_path, monkeypatch):
+    """The teacher of shapes_cwd asks for ImageNet weights, but a teacher_checkpoint replaces them: nothing is
+    fetched (offline this would fail), and the config still says what was written."""
+    from cwd_lightning.models import build_segmentation_model
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    torch.save(build_segmentation_model("Unet", "resnet18", 11, None).state_dict(), tmp_path / "teacher.pt")
+    cli = DistillCLI(args=["--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--runs_root", str(tmp_path),
+                           "--model.teacher.init_args.encoder_weights", "imagenet",
+                           "--model.teacher_checkpoint", str(tmp_path / "teacher.pt"), "--trainer.logger", "false"],
+                     run=False)  # fmt: skip
+    assert cli.model.teacher is not None
+    assert cli.config["model"]["teacher"]["init_args"]["encoder_weights"] == "imagenet"

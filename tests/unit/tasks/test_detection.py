@@ -1,0 +1,197 @@
+"""The detection task: COCO mAP equal to pycocotools' COCOeval, FPN distillation of every level, a shared head
+distilled on every level it runs on."""
+
+from __future__ import annotations
+
+import json
+from functools import partial
+from pathlib import Path
+
+import lightning as L
+import pytest
+import torch
+
+from cwd_lightning.data import SHAPES_CLASSES, CocoDetection, DetectionDataModule
+from cwd_lightning.distill import DistillationModule, DistillTerm
+from cwd_lightning.losses import ChannelWiseDivergence
+from cwd_lightning.models import build_detector
+from cwd_lightning.tasks import DetectionTask
+from tests.helpers import write_jpeg
+
+
+def test_torchmetrics_map_agrees_with_cocoeval():
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    generator = torch.Generator().manual_seed(0)
+    task = DetectionTask(num_classes=3)
+    gt_images, gt_annotations, detections = [], [], []
+    predictions, targets = [], []
+    for image_id in range(12):
+        count = int(torch.randint(1, 5, (1,), generator=generator))
+        xy = torch.rand(count, 2, generator=generator) * 80
+        wh = torch.rand(count, 2, generator=generator) * 60 + 4
+        gt = torch.cat([xy, xy + wh], 1)
+        labels = torch.randint(1, 4, (count,), generator=generator)
+        noisy = gt + torch.randn(gt.shape, generator=generator) * 4
+        extra = torch.cat([xy[:1] + 30, xy[:1] + 50], 1)  # one false positive per image
+        boxes = torch.cat([noisy, extra])
+        scores = torch.rand(len(boxes), generator=generator)
+        pred_labels = torch.cat([labels, labels[:1]])
+        predictions.append({"boxes": boxes, "scores": scores, "labels": pred_labels})
+        targets.append({"boxes": gt, "labels": labels})
+        gt_images.append({"id": image_id, "width": 160, "height": 160})
+        for box, label in zip(gt.tolist(), labels.tolist(), strict=True):
+            gt_annotations.append({"id": len(gt_annotations) + 1, "image_id": image_id, "category_id": label,
+                                   "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]],
+                                   "area": (box[2] - box[0]) * (box[3] - box[1]), "iscrowd": 0})  # fmt: skip
+        for box, score, label in zip(boxes.tolist(), scores.tolist(), pred_labels.tolist(), strict=True):
+            detections.append({"image_id": image_id, "category_id": label, "score": score,
+                               "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})  # fmt: skip
+    task.metric.update(predictions, targets)
+    ours = task.compute_metrics()
+
+    coco = COCO()
+    coco.dataset = {"images": gt_images, "annotations": gt_annotations,
+                    "categories": [{"id": i} for i in range(1, 4)]}  # fmt: skip
+    coco.createIndex()
+    evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    reference = evaluator.stats  # AP, AP50, AP75, APs, APm, APl, ...
+    assert 0.05 < reference[0] < 0.95
+    for index, key in enumerate(
+        ["val/mAP", "val/mAP50", "val/mAP75", "val/mAP_small", "val/mAP_medium", "val/mAP_large"]
+    ):
+        assert ours[key].item() == pytest.approx(reference[index], abs=1e-3), key
+
+
+def test_coco_metrics_equal_cocoeval_on_the_original_file(tmp_path):
+    """Crowd regions, non-contiguous category ids, annotated areas unlike the boxes', images without
+    objects and zero-size boxes: the reader (evaluation mode) and the task give COCOeval's numbers."""
+    from pycocotools.coco import COCO
+    from pycocotools.cocoeval import COCOeval
+
+    from cwd_lightning.data.transforms import detection_eval_transforms
+
+    generator = torch.Generator().manual_seed(0)
+    categories = [{"id": 2, "name": "a"}, {"id": 5, "name": "b"}, {"id": 11, "name": "c"}]
+    images, annotations = [], []
+    for image_id in range(1, 9):
+        write_jpeg(tmp_path / "images" / f"{image_id}.jpg", 200, 200)
+        images.append({"id": image_id, "file_name": f"{image_id}.jpg", "width": 200, "height": 200})
+        if image_id == 8:
+            continue  # an image without objects
+        for index in range(int(torch.randint(1, 6, (1,), generator=generator))):
+            side = float([12, 50, 120][index % 3] * (0.8 + 0.4 * torch.rand(1, generator=generator)))
+            x, y = (float(v) for v in torch.rand(2, generator=generator) * (200 - side))
+            box = [x, y, side, side * 0.8]
+            area = box[2] * box[3] * float(0.5 + 0.5 * torch.rand(1, generator=generator))  # a mask's area
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "bbox": box, "area": area,
+                                "category_id": categories[int(torch.randint(0, 3, (1,), generator=generator))]["id"],
+                                "iscrowd": 0})  # fmt: skip
+        if image_id % 3 == 0:  # a crowd region and a zero-width box
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 5,
+                                "bbox": [100, 100, 90, 90], "area": 6000.0, "iscrowd": 1})  # fmt: skip
+            annotations.append({"id": len(annotations) + 1, "image_id": image_id, "category_id": 2,
+                                "bbox": [10, 10, 0, 20], "area": 0.0, "iscrowd": 0})  # fmt: skip
+    annotation_file = tmp_path / "instances_val.json"
+    annotation_file.write_text(json.dumps({"images": images, "annotations": annotations, "categories": categories}))
+    dataset = CocoDetection(tmp_path / "images", annotation_file, detection_eval_transforms(), evaluation=True)
+
+    detections, predictions, targets = [], [], []
+    for index in range(len(dataset)):
+        _, target = dataset[index]
+        gt = target["boxes"].as_subclass(torch.Tensor)
+        boxes = torch.cat([gt + torch.randn(gt.shape, generator=generator) * 3,
+                           torch.tensor([[110.0, 110.0, 150.0, 150.0], [5.0, 150.0, 40.0, 190.0]])])  # fmt: skip
+        labels = torch.cat([target["labels"], torch.tensor([2, 3])])
+        scores = torch.rand(len(boxes), generator=generator)
+        predictions.append({"boxes": boxes, "scores": scores, "labels": labels})
+        targets.append({**target, "boxes": gt})
+        for box, score, label in zip(boxes.tolist(), scores.tolist(), labels.tolist(), strict=True):
+            detections.append({"image_id": target["image_id"], "category_id": dataset.category_id_of[label],
+                               "score": score, "bbox": [box[0], box[1], box[2] - box[0], box[3] - box[1]]})  # fmt: skip
+    task = DetectionTask(num_classes=3)
+    task.validation_step(lambda batch: predictions, ([None] * len(targets), targets))
+    ours = task.compute_metrics()
+
+    coco = COCO(str(annotation_file))
+    evaluator = COCOeval(coco, coco.loadRes(detections), "bbox")
+    evaluator.evaluate()
+    evaluator.accumulate()
+    evaluator.summarize()
+    assert 0.05 < evaluator.stats[0] < 0.95
+    for index, key in enumerate(["val/mAP", "val/mAP50", "val/mAP75", "val/mAP_small", "val/mAP_medium",
+                                 "val/mAP_large"]):  # fmt: skip
+        assert ours[key].item() == pytest.approx(evaluator.stats[index], abs=1e-4), key
+
+
+def _detection_datamodule(root: Path) -> DetectionDataModule:
+    from cwd_lightning.data import ShapesSpec
+
+    return DetectionDataModule(str(root), SHAPES_CLASSES[1:], layout="coco", train_split="train", val_split="val",
+                               image_dir="JPEGImages", image_size=32, batch_size=4, val_batch_size=4, num_workers=0,
+                               shapes=ShapesSpec(num_train=24, num_val=8, image_size=32, seed=1))  # fmt: skip
+
+
+def test_fpn_distillation_logs_every_level_and_keeps_the_teacher_frozen(tiny_shapes, tmp_path):
+    def detector():
+        return build_detector(
+            "retinanet", "resnet18", 10, None, min_size=32, max_size=32, anchor_sizes=[8, 16, 32, 64, 128]
+        )
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save(detector().state_dict(), teacher_path)
+    levels = ["0", "1"]  # P3 4×4 and P4 2×2 at 32 px; P5-P7 are 1×1, on which CWD is refused (below)
+    paths = [f"backbone.fpn/{level}" for level in levels]
+    with pytest.raises(ValueError, match=r"term 'cwd_fpn'.*fpn\[p7\]'.*1×1 map.*identically 0"):
+        DistillationModule(DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
+                           [DistillTerm("cwd_fpn", [*paths, "backbone.fpn/p7"], [*paths, "backbone.fpn/p7"],
+                                        ChannelWiseDivergence(1.0), 5.0)])  # fmt: skip
+    module = DistillationModule(
+        DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
+        [DistillTerm("cwd_fpn", paths, paths, ChannelWiseDivergence(1.0), 5.0)],
+        optimizer=partial(torch.optim.AdamW, lr=1e-4),
+    )  # fmt: skip
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    trainer = L.Trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, _detection_datamodule(tiny_shapes.parent / "det_shapes"))
+    logged = trainer.callback_metrics
+    for level in levels:
+        assert f"train/distill/cwd_fpn/{level}" in logged
+    assert {"train/loss_task/classification", "train/loss_task/bbox_regression", "val/mAP", "val/mAP50"} <= set(logged)
+    assert all(torch.equal(v, before[k]) for k, v in module.teacher.state_dict().items())
+    assert not module.teacher.training
+
+
+def test_a_shared_head_is_distilled_on_every_level_it_runs_on(tiny_shapes, tmp_path):
+    """RetinaNet's classification head runs once per FPN level: ``calls: all`` gives one pair per level."""
+
+    def detector():
+        return build_detector("retinanet", "resnet18", 10, None, min_size=32, max_size=32,
+                              anchor_sizes=[8, 16, 32, 64, 128])  # fmt: skip
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "teacher.pt"
+    torch.save(detector().state_dict(), teacher_path)
+    path = "head.classification_head.cls_logits"
+    with pytest.raises(ValueError, match="runs 5 times per forward; say which call"):
+        DistillationModule(DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
+                           [DistillTerm("cls", path, path, ChannelWiseDivergence(1.0))])  # fmt: skip
+    module = DistillationModule(
+        DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
+        [DistillTerm("cls", path, path, ChannelWiseDivergence(1.0), 1.0, calls=[0, 1])],
+        optimizer=partial(torch.optim.AdamW, lr=1e-4),
+    )  # fmt: skip
+    pairs = list(module.distiller.pairs["cls"])
+    assert [p.label for p in pairs] == ["call0", "call1"]
+    trainer = L.Trainer(max_steps=1, limit_val_batches=0, logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, _detection_datamodule(tiny_shapes.parent / "det_shapes"))
+    values = [float(trainer.callback_metrics[f"train/distill/cls/call{k}"]) for k in range(2)]
+    # at 32 px, P3 is 4×4 and P4 2×2 (P5-P7 are 1×1: calls "all" is refused there, see above)
+    assert values[0] > 0 and values[1] > 0 and values[0] != values[1]
