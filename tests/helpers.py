@@ -110,3 +110,12 @@ def tiny_datamodule(root: Path):
 
     return SegmentationDataModule(str(root), 11, crop_size=32, base_size=32, batch_size=4, val_batch_size=8,
                                   num_workers=0)  # fmt: skip
+
+
+def tiny_detection_datamodule(root: Path):
+    """The tiny `shapes` data as COCO detection data (generated into ``root`` on first use), 32×32, batch 4."""
+    from cwd_lightning.data import SHAPES_CLASSES, DetectionDataModule, ShapesSpec
+
+    return DetectionDataModule(str(root), SHAPES_CLASSES[1:], layout="coco", train_split="train", val_split="val",
+                               image_dir="JPEGImages", image_size=32, batch_size=4, val_batch_size=4, num_workers=0,
+                               shapes=ShapesSpec(num_train=24, num_val=8, image_size=32, seed=1))  # fmt: skip

@@ -14,6 +14,7 @@ import torch
 from cwd_lightning.analysis import channel_maps
 from cwd_lightning.callbacks import ChannelDistributionMonitor, channel_distributions
 from cwd_lightning.callbacks.fixed_batch import FixedBatchCallback
+from cwd_lightning.losses import ChannelWiseDivergence
 
 
 def _maps() -> tuple[torch.Tensor, torch.Tensor]:
@@ -33,7 +34,7 @@ def test_distributions_sum_to_one_and_top_k_picks_the_largest_kl():
     student, teacher = _maps()
     p_s, p_t = channel_maps.spatial_distributions(student), channel_maps.spatial_distributions(teacher)
     torch.testing.assert_close(p_s.sum((-2, -1)), torch.ones(1, 4))
-    kl = channel_maps.channel_kl(p_t, p_s)[0]
+    kl = ChannelWiseDivergence(1.0).kl_per_sample_channel(student, teacher)[0]  # the monitor's KL(T‖S)
     assert kl[1].item() == pytest.approx(0.0, abs=1e-7) and kl[3].item() == pytest.approx(0.0, abs=1e-7)
     assert kl[2] > kl[0] > 0
     assert channel_maps.top_k_channels(kl, 2) == [2, 0]
@@ -45,13 +46,10 @@ def test_distributions_sum_to_one_and_top_k_picks_the_largest_kl():
 
 
 def test_kl_matches_the_loss_up_to_tau_squared():
-    from cwd_lightning.losses import ChannelWiseDivergence
-
     student, teacher = torch.randn(2, 3, 4, 4), torch.randn(2, 3, 4, 4)
     tau = 2.0
-    kl = channel_maps.channel_kl(
-        channel_maps.spatial_distributions(teacher, tau), channel_maps.spatial_distributions(student, tau)
-    )
+    kl = ChannelWiseDivergence(tau).kl_per_sample_channel(student, teacher)
+    assert kl.shape == (2, 3) and bool((kl >= 0).all())
     assert (tau**2 * kl.mean()).item() == pytest.approx(ChannelWiseDivergence(tau)(student, teacher).item(), rel=1e-5)
 
 

@@ -50,7 +50,7 @@ def test_bad_path_names_the_side_and_close_matches():
         ForwardRecorder(net, ["decoder.blok"], side="student")
     with pytest.raises(ValueError, match=r"in teacher.*top-level modules: 'decoder', 'decoder_block'"):
         ForwardRecorder(net, ["zzz"], side="teacher")
-    with pytest.raises(ValueError, match=r"no module 'out'.*write the path \"\[out\]\", quoted in YAML"):
+    with pytest.raises(ValueError, match=r"no module 'out'.*write the path '/out' \(old form: '\[out\]'\)"):
         ForwardRecorder(net, ["out"], side="teacher")  # the old selector [out] in YAML is the list ['out']
 
 

@@ -46,7 +46,7 @@ def test_channels_last_matches_fp32(setup):
     module = _same_weights(teacher_file, reference, channels_last=True)
     module.configure_model()
     assert module.student.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
-    images, _ = module._memory_format(batch)
+    images, _ = module.speed.inputs(batch)
     assert images.is_contiguous(memory_format=torch.channels_last)
     expected, got = _losses(reference, batch), _losses(module, batch)
     for key in expected:

@@ -12,7 +12,7 @@ from cwd_lightning.cli import DistillCLI
 from cwd_lightning.distill import DistillTerm
 from cwd_lightning.distill.teacher import fingerprint_state
 from cwd_lightning.losses import ChannelWiseDivergence
-from tests.helpers import REPO, tiny_overrides
+from tests.helpers import REPO, tiny_detection_datamodule, tiny_overrides
 
 
 def _fake_torchvision_weights(torch_home: Path, name: str, **kwargs) -> dict[str, torch.Tensor]:
@@ -67,9 +67,7 @@ def test_a_torchvision_segmentation_teacher_with_dict_outputs(tiny_shapes, tmp_p
 
 
 def test_a_torchvision_detector_teacher(tiny_shapes, tmp_path, monkeypatch):
-    from tests.test_detection import _detection_datamodule
-
-    _detection_datamodule(tiny_shapes.parent / "det_shapes").prepare_data()  # the tiny data as COCO json
+    tiny_detection_datamodule(tiny_shapes.parent / "det_shapes").prepare_data()  # the tiny data as COCO json
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
     state = _fake_torchvision_weights(tmp_path / "torch", "fcos_resnet50_fpn")
     # at 64 px P5 is 2×2 (at 32 px it is 1×1, where CWD is refused)
