@@ -17,7 +17,7 @@ TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*ru
 
 TABLE ?= shapes
 
-.PHONY: help install train resume eval export report table ablation features bench test lint format clean distclean
+.PHONY: help install train resume eval export report table ablation features bench test test-fast lint format clean distclean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -66,8 +66,11 @@ features: ## The method comparison on a feature map -> results/shapes_features_t
 bench: $(STAMP) ## Benchmark EXP: step times, overhead, memory, every loss, torchdistill -> benchmarks/
 	$(PY) -m cwd_lightning.bench experiments/$(EXP).yaml $(BENCH_ARGS)
 
-test: $(STAMP) ## Run the test suite (CPU, offline)
+test: $(STAMP) ## Run the whole test suite (CPU, offline; what CI runs)
 	$(VENV)/bin/pytest -q $(ARGS)
+
+test-fast: $(STAMP) ## The test suite without the long end-to-end runs (marked slow): the edit loop
+	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check
 	$(VENV)/bin/ruff check .

@@ -69,14 +69,37 @@ def runs(steps: int, data: Path, work: Path) -> list[tuple[str, list[list[str]]]
         ("det_teacher", [["--config", str(REPO / "experiments" / "shapes_det_teacher.yaml"), *schedule(steps)]]),
         ("cwd", [[*cwd, *schedule(steps)]]),
         ("det_cwd", [["--config", str(REPO / "experiments" / "shapes_det_cwd.yaml"), *det_teacher, *schedule(steps)]]),
-        ("holistic", [["--config", str(REPO / "experiments" / "methods" / "shapes_holistic_logits.yaml"),
-                       *seg_teacher, *schedule(steps)]]),  # fmt: skip
-        ("mgd", [["--config", str(REPO / "experiments" / "methods" / "shapes_mgd_logits.yaml"), *seg_teacher,
-                  *schedule(steps)]]),  # fmt: skip
+        (
+            "holistic",
+            [
+                [
+                    "--config",
+                    str(REPO / "experiments" / "methods" / "shapes_holistic_logits.yaml"),
+                    *seg_teacher,
+                    *schedule(steps),
+                ]
+            ],
+        ),  # fmt: skip
+        (
+            "mgd",
+            [
+                [
+                    "--config",
+                    str(REPO / "experiments" / "methods" / "shapes_mgd_logits.yaml"),
+                    *seg_teacher,
+                    *schedule(steps),
+                ]
+            ],
+        ),  # fmt: skip
         ("cwd_cached", [[*cwd, *schedule(steps), *cache_args(2, work / "cache")]]),
         # poly, so that the resume may continue past the first run's max_steps
-        ("cwd_resumed", [[*cwd, *schedule(half), "--model.lr_schedule", "poly"],
-                         [*cwd, *schedule(steps), "--model.lr_schedule", "poly", "--ckpt_path", "last"]]),  # fmt: skip
+        (
+            "cwd_resumed",
+            [
+                [*cwd, *schedule(half), "--model.lr_schedule", "poly"],
+                [*cwd, *schedule(steps), "--model.lr_schedule", "poly", "--ckpt_path", "last"],
+            ],
+        ),  # fmt: skip
     ]
 
 
@@ -148,7 +171,9 @@ def differences(recorded: dict, now: dict) -> list[str]:
                     found.append(f"{name}: metrics row {index} {key}: {row.get(key)} (recorded {old.get(key)})")
         for key in sorted(set(got["tensors"]) | set(expected["tensors"])):
             if got["tensors"].get(key) != expected["tensors"].get(key):
-                found.append(f"{name}: tensor {key}: {got['tensors'].get(key)} (recorded {expected['tensors'].get(key)})")
+                found.append(
+                    f"{name}: tensor {key}: {got['tensors'].get(key)} (recorded {expected['tensors'].get(key)})"
+                )
     return found
 
 

@@ -18,6 +18,7 @@ def format_mean_std(values: Sequence[float], digits: int = 4) -> str:
 
 def markdown_table(columns: Sequence[str], rows: Sequence[Sequence[object]]) -> list[str]:
     """Lines of a markdown table; cells are written as given (``None`` as an en dash)."""
+
     def cell(value: object) -> str:
         return "–" if value is None else str(value)
 

@@ -129,7 +129,6 @@ def select(output: Any, key: str | None, where: str) -> Tensor:
             raise KeyError(f"{where}: output is a {type(output).__name__}, it cannot be indexed by {key!r}")
     if not isinstance(output, Tensor):
         raise TypeError(
-            f"{where}: output is a {type(output).__name__}, not a tensor; add a selector such as "
-            "'path/0' or 'path/key'"
+            f"{where}: output is a {type(output).__name__}, not a tensor; add a selector such as 'path/0' or 'path/key'"
         )
     return output

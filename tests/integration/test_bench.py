@@ -14,6 +14,8 @@ from cwd_lightning.bench.__main__ import main
 from cwd_lightning.runs import provenance
 from tests.helpers import REPO
 
+pytestmark = pytest.mark.slow  # subprocess fits of minutes: `make test-fast` leaves them out
+
 
 @pytest.fixture(scope="module")
 def bench_record(tiny_shapes, tmp_path_factory):

@@ -10,7 +10,6 @@ import sys
 from pathlib import Path
 
 import onnxruntime
-import pytest
 import torch
 import yaml
 from PIL import Image
@@ -172,25 +171,6 @@ def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path):
     (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
     for level in ("0", "2"):  # the channel monitor needs no detection special case
         assert list(wandb_run.glob(f"files/media/images/channels/cwd_fpn/{level}/maps_*.png")), level
-
-
-def test_a_moved_run_folder_keeps_its_best_score(tmp_path):
-    """Lightning forgets the best score when the checkpoint's folder changed, so the next validation,
-    however worse, replaced best.ckpt of a moved run."""
-    from cwd_lightning.runs import RunFolderCheckpoint
-
-    def callback(folder):
-        return RunFolderCheckpoint(dirpath=folder, filename="best", monitor="val/mIoU", mode="max", save_top_k=1,
-                                   enable_version_counter=False)  # fmt: skip
-
-    old, new = callback(tmp_path / "old"), callback(tmp_path / "new")
-    old.best_model_score, old.best_model_path = torch.tensor(0.9), str(tmp_path / "old" / "best.ckpt")
-    old.best_k_models = {old.best_model_path: torch.tensor(0.9)}
-    new.load_state_dict(old.state_dict())
-    assert float(new.best_model_score) == pytest.approx(0.9)
-    assert new.best_model_path == str(tmp_path / "new" / "best.ckpt")
-    assert list(new.best_k_models) == [str(tmp_path / "new" / "best.ckpt")]
-    assert old.state_key.startswith("ModelCheckpoint{")  # older runs' state loads, sweeps find it
 
 
 def test_make_train_passes_args_to_the_asked_experiment_only():

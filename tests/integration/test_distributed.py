@@ -14,6 +14,8 @@ import yaml
 from cwd_lightning.safe_load import load_weights_only
 from tests.helpers import run_cli, tiny_cwd_fit
 
+pytestmark = pytest.mark.slow  # subprocess fits of minutes: `make test-fast` leaves them out
+
 
 def _args(teacher_run, tiny_shapes, runs: Path, experiment: str, steps: int, *extra: str) -> list[str]:
     return [*tiny_cwd_fit(teacher_run, tiny_shapes, runs, experiment, steps), "--trainer.callbacks", "[]",

@@ -41,6 +41,7 @@ def test_every_method_file_is_listed_in_a_table():
     assert {f"methods/{path.stem}" for path in METHOD_FILES if path.parent.name == "methods"} <= listed
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", METHOD_FILES, ids=lambda path: path.stem)
 def test_each_method_builds_from_its_yaml_and_trains(config, unet_teacher, tiny_shapes):
     spec = yaml.safe_load(config.read_text())["model"]["terms"]
@@ -86,6 +87,7 @@ def cityscapes_teacher(tmp_path_factory) -> Path:
     return path
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("config", CITYSCAPES_FILES, ids=lambda path: path.stem)
 def test_cityscapes_table2_files_build(config, cityscapes_teacher):
     """The paper's Table 2 rows build with their own networks (no data or pretrained weights here: random
@@ -101,6 +103,7 @@ def test_cityscapes_table2_files_build(config, cityscapes_teacher):
     assert cli.trainer.max_steps == 40000 and cli.datamodule.batch_size == 8
 
 
+@pytest.mark.slow
 def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, tiny_shapes, tmp_path):
     from cwd_lightning.sweeps.runner import run_table
     from cwd_lightning.sweeps.spec import Table

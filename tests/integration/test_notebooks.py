@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 import nbformat
 import pytest
 from nbclient import NotebookClient
 
-NOTEBOOKS = Path(__file__).resolve().parents[1] / "notebooks"
+from tests.helpers import REPO
+
+pytestmark = pytest.mark.slow  # subprocess fits of minutes: `make test-fast` leaves them out
+
+NOTEBOOKS = REPO / "notebooks"
 
 
 @pytest.mark.parametrize("name", ["01_channel_distributions.ipynb", "02_compare_runs.ipynb"])

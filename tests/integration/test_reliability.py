@@ -43,6 +43,7 @@ def _train_steps(run_dir: Path) -> list[int]:
         return [int(float(row["step"])) for row in csv.DictReader(handle) if row.get("train/loss")]
 
 
+@pytest.mark.slow
 def test_sigkill_mid_epoch_then_resume_gives_the_uninterrupted_student(teacher_run, tiny_shapes, tmp_path, monkeypatch):
     """24 images, batch 4: 6 steps an epoch; checkpoints at steps 4 and 8; the process is killed as step 9
     starts (epoch 1, third batch), resumed from last.ckpt (step 8, mid-epoch) and run to step 11."""

@@ -12,7 +12,8 @@ def test_report_tables_and_plots_the_runs(cwd_run, tmp_path):
     work, _ = cwd_run
     report = write_report(work / "runs", tmp_path / "reports")
     text = report.read_text()
-    assert "## tiny" in text and "| tiny_teacher | teacher | PSPNet-resnet18 |" in text
+    # one group, from the runs' configs (shapes_student.yaml, shapes_cwd.yaml); the teacher is the run distilled from
+    assert "## shapes" in text and "| tiny_teacher | teacher | PSPNet-resnet18 |" in text
     assert "| shapes_cwd | distilled | PSPNet-resnet18 |" in text and "best val/mIoU" in text
     for name in ("shapes_curves.png", "shapes_per_class.png", "shapes_cwd_channels.png"):
         with Image.open(tmp_path / "reports" / name) as image:
@@ -32,8 +33,10 @@ def test_report_takes_runs_that_differ_only_by_seed_together(tmp_path):
             "weight": 3.0,
             "loss": {"class_path": "cwd_lightning.losses.ChannelWiseDivergence", "init_args": {"tau": tau}},
         }
+        task = {"class_path": "cwd_lightning.tasks.SegmentationTask", "init_args": {"num_classes": 2}}
         config = {"seed_everything": seed, "experiment": folder.rsplit("/", 1)[-1], "runs_root": "runs",
-                  "trainer": {"max_steps": 10, "default_root_dir": str(path)}, "model": {"terms": [term]}}  # fmt: skip
+                  "trainer": {"max_steps": 10, "default_root_dir": str(path)},
+                  "model": {"task": task, "terms": [term]}}  # fmt: skip
         (path / "config.yaml").write_text(yaml.safe_dump(config))
         (path / "metrics.csv").write_text(f"step,val/mIoU\n4,{best / 2}\n9,{best}\n")
 
