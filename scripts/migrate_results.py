@@ -106,8 +106,9 @@ def main(argv: list[str] | None = None) -> int:
             current = resolved_config(row, table, REPO / "experiments")
             reports += [migrate(path, current, args.check) for path in files]
     for report in reports:
-        print(f"{report['file']}: digest {report['digest'][0]} → {report['digest'][1]}; renamed {len(report['renamed'])} "
-              f"name(s); added at defaults: {', '.join(report['added_at_defaults']) or 'none'}")  # fmt: skip
+        old, new = report["digest"]
+        print(f"{report['file']}: digest {old} → {new}; renamed {len(report['renamed'])} name(s); added at "
+              f"defaults: {', '.join(report['added_at_defaults']) or 'none'}")  # fmt: skip
     renamed = sorted({name for report in reports for name in report["renamed"]})
     print(f"{len(reports)} result files; every recorded key equal to the current config after respelling:")
     print("  " + "\n  ".join(renamed))

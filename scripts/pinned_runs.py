@@ -79,7 +79,7 @@ def runs(steps: int, data: Path, work: Path) -> list[tuple[str, list[list[str]]]
                     *schedule(steps),
                 ]
             ],
-        ),  # fmt: skip
+        ),
         (
             "mgd",
             [
@@ -90,7 +90,7 @@ def runs(steps: int, data: Path, work: Path) -> list[tuple[str, list[list[str]]]
                     *schedule(steps),
                 ]
             ],
-        ),  # fmt: skip
+        ),
         ("cwd_cached", [[*cwd, *schedule(steps), *cache_args(2, work / "cache")]]),
         # poly, so that the resume may continue past the first run's max_steps
         (
@@ -99,7 +99,7 @@ def runs(steps: int, data: Path, work: Path) -> list[tuple[str, list[list[str]]]
                 [*cwd, *schedule(half), "--model.lr_schedule", "poly"],
                 [*cwd, *schedule(steps), "--model.lr_schedule", "poly", "--ckpt_path", "last"],
             ],
-        ),  # fmt: skip
+        ),
     ]
 
 
