@@ -27,6 +27,8 @@ from pathlib import Path
 
 import torch
 
+from cwd_lightning.runs.provenance import cpu_model
+
 REPO = Path(__file__).resolve().parents[1]
 RECORD = Path(__file__).with_suffix(".json")
 #: metrics that measure time, not what the run computes
@@ -175,16 +177,6 @@ def differences(recorded: dict, now: dict) -> list[str]:
                     f"{name}: tensor {key}: {got['tensors'].get(key)} (recorded {expected['tensors'].get(key)})"
                 )
     return found
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown cpu"
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -62,7 +62,7 @@ class DistillationModule(L.LightningModule):
             raise ValueError("model.teacher_cache caches the teacher's tensors of the terms: set model.terms too")
         self.teacher_cache = teacher_cache
         check_class_counts(task, student)
-        self.teacher_fingerprint = teachers.prepare_teacher(teacher, teacher_checkpoint) if teacher else None
+        self.teacher_fingerprint = None if teacher is None else teachers.prepare_teacher(teacher, teacher_checkpoint)
 
         self.distiller: Distiller | None = None
         self.live_teacher: teachers.LiveTeacher | None = None
@@ -71,7 +71,7 @@ class DistillationModule(L.LightningModule):
             self.live_teacher = teachers.LiveTeacher(teacher, task, self.distiller.teacher_recorder)
         # where the training steps' teacher tensors come from (the cache once it is open); validation: live
         self.training_teacher: teachers.LiveTeacher | teachers.CachedTeacher | None = self.live_teacher
-        self.automatic_optimization = not (self.distiller and self.distiller.auxiliary_pairs())
+        self.automatic_optimization = self.distiller is None or not self.distiller.auxiliary_pairs()
 
     # ---------------------------------------------------------------- teacher stays frozen
     def train(self, mode: bool = True) -> DistillationModule:

@@ -58,20 +58,21 @@ class _TupleOf(nn.Module):
 
 
 @pytest.fixture()
-def teacher_file(tmp_path):
+def pyramid_teacher_file(tmp_path):
+    """The teacher of these tests (a Pyramid of width 8, seed 0) as a state_dict file."""
     torch.manual_seed(0)
     path = tmp_path / "teacher.pt"
     torch.save(Pyramid(8).state_dict(), path)
     return path
 
 
-def _module(teacher_file, terms, **kwargs) -> DistillationModule:
+def _module(pyramid_teacher_file, terms, **kwargs) -> DistillationModule:
     torch.manual_seed(1)
     return DistillationModule(
         task=SegmentationTask(CLASSES, example_size=32),
         student=Pyramid(4),
         teacher=Pyramid(8),
-        teacher_checkpoint=str(teacher_file),
+        teacher_checkpoint=str(pyramid_teacher_file),
         terms=terms,
         optimizer=partial(torch.optim.SGD, lr=0.1),
         **kwargs,
@@ -87,11 +88,11 @@ def _fit(module, data_root, steps: int = 2, **trainer_args) -> L.Trainer:
 
 
 # ---------------------------------------------------------------- repeated calls, labels of pairs
-def test_a_module_called_per_level_is_distilled_on_the_named_calls(teacher_file):
+def test_a_module_called_per_level_is_distilled_on_the_named_calls(pyramid_teacher_file):
     loss = ChannelWiseDivergence(2.0)
     with pytest.raises(ValueError, match=r"'shared'/'shared' runs 3 times per forward; say which call"):
-        _module(teacher_file, [DistillTerm("head", "shared", "shared", loss)])
-    module = _module(teacher_file, [DistillTerm("head", "shared", "shared", loss, calls=[0, 2])])
+        _module(pyramid_teacher_file, [DistillTerm("head", "shared", "shared", loss)])
+    module = _module(pyramid_teacher_file, [DistillTerm("head", "shared", "shared", loss, calls=[0, 2])])
     pairs = list(module.distiller.pairs["head"])
     assert [(p.key, p.call) for p in pairs] == [("head/call0", 0), ("head/call2", 2)]
 
@@ -107,14 +108,14 @@ def test_a_module_called_per_level_is_distilled_on_the_named_calls(teacher_file)
         assert values[pair.key] == pytest.approx(float(loss(recorded_student[call], recorded_teacher[call])), rel=1e-6)
     assert float(total) == pytest.approx(float(values["head/call0"] + values["head/call2"]), rel=1e-6)
 
-    every = _module(teacher_file, [DistillTerm("head", "shared", "shared", loss, calls="all")])
+    every = _module(pyramid_teacher_file, [DistillTerm("head", "shared", "shared", loss, calls="all")])
     assert [p.label for p in every.distiller.pairs["head"]] == ["call0", "call1", "call2"]
 
 
-def test_alike_selectors_get_distinct_connectors_and_log_keys(teacher_file, tiny_shapes):
+def test_alike_selectors_get_distinct_connectors_and_log_keys(pyramid_teacher_file, tiny_shapes):
     term = DistillTerm("feat", ["body_out/0", "fpn_out/0"], ["body_out/0", "fpn_out/0"],
                        ChannelWiseDivergence(1.0), connector="conv")  # fmt: skip
-    module = _module(teacher_file, [term])
+    module = _module(pyramid_teacher_file, [term])
     body, fpn = module.distiller.pairs["feat"]
     assert (body.key, fpn.key) == ("feat/body_out_0", "feat/fpn_out_0")
     assert body.connector is not fpn.connector
@@ -140,8 +141,8 @@ class _Spy(nn.Module):
         return (student - teacher).pow(2).mean()
 
 
-def test_a_loss_receives_labels_at_the_maps_size_and_the_step(teacher_file, tiny_shapes):
-    module = _module(teacher_file, [DistillTerm("spy", "fpn_out/0", "fpn_out/0", _Spy(), connector="conv")])
+def test_a_loss_receives_labels_at_the_maps_size_and_the_step(pyramid_teacher_file, tiny_shapes):
+    module = _module(pyramid_teacher_file, [DistillTerm("spy", "fpn_out/0", "fpn_out/0", _Spy(), connector="conv")])
     spy = module.distiller.pairs["spy"][0].loss
     spy.seen.clear()  # the probe at build time called it once
     _fit(module, tiny_shapes, steps=2)
@@ -151,8 +152,8 @@ def test_a_loss_receives_labels_at_the_maps_size_and_the_step(teacher_file, tiny
     assert set(labels.unique().tolist()) <= set(range(CLASSES)) | {255}
 
 
-def test_labels_reach_a_loss_at_the_size_of_the_maps_it_compares(teacher_file, tiny_shapes):
-    module = _module(teacher_file, [DistillTerm("spy", "shared", "shared", _Spy(), calls=1)])  # the /2 level
+def test_labels_reach_a_loss_at_the_size_of_the_maps_it_compares(pyramid_teacher_file, tiny_shapes):
+    module = _module(pyramid_teacher_file, [DistillTerm("spy", "shared", "shared", _Spy(), calls=1)])  # the /2 level
     spy = module.distiller.pairs["spy"][0].loss
     seen_batches = _Batches()
     _fit(module, tiny_shapes, steps=1, callbacks=[seen_batches])
@@ -177,33 +178,35 @@ def test_labels_are_nearest_resized_and_keep_the_ignore_index():
     assert StepContext(labels, 255).labels_at(torch.Size([4, 4])) is labels
 
 
-def test_what_a_loss_asks_for_is_checked_when_the_term_is_built(teacher_file):
+def test_what_a_loss_asks_for_is_checked_when_the_term_is_built(pyramid_teacher_file):
     class NeedsAnchors(nn.Module):
         def forward(self, student: Tensor, teacher: Tensor, anchors: Tensor) -> Tensor:
             return student.sum()
 
     with pytest.raises(TypeError, match=r"NeedsAnchors.forward needs 'anchors'.*labels, ignore_index, step"):
-        _module(teacher_file, [DistillTerm("x", "shared", "shared", NeedsAnchors(), calls=0)])
+        _module(pyramid_teacher_file, [DistillTerm("x", "shared", "shared", NeedsAnchors(), calls=0)])
     task = SegmentationTask(CLASSES, example_size=32)
     task.has_dense_labels = False  # as a detection task
     with pytest.raises(ValueError, match="IntraClassFeatureVariation needs ground-truth labels, and this task has no"):
-        DistillationModule(task, Pyramid(4), Pyramid(8), str(teacher_file),
+        DistillationModule(task, Pyramid(4), Pyramid(8), str(pyramid_teacher_file),
                            [DistillTerm("ifv", "stem", "stem", IntraClassFeatureVariation())])  # fmt: skip
 
 
-def test_a_shape_the_loss_cannot_compare_fails_at_build_naming_the_fix(teacher_file):
+def test_a_shape_the_loss_cannot_compare_fails_at_build_naming_the_fix(pyramid_teacher_file):
     with pytest.raises(ValueError, match=r"student 'stem' gives \(4, 32, 32\) and teacher 'stem' gives \(8, 32, 32\)"
                                          r".*ChannelWiseDivergence refuses.*connector"):  # fmt: skip
-        _module(teacher_file, [DistillTerm("x", "stem", "stem", ChannelWiseDivergence())])
+        _module(pyramid_teacher_file, [DistillTerm("x", "stem", "stem", ChannelWiseDivergence())])
 
 
 # ---------------------------------------------------------------- a loss's own modules
-def test_a_loss_own_modules_are_built_trained_checkpointed_and_not_exported(teacher_file, tiny_shapes, tmp_path):
+def test_a_loss_own_modules_are_built_trained_checkpointed_and_not_exported(
+    pyramid_teacher_file, tiny_shapes, tmp_path
+):
     terms = [
         DistillTerm("fit", "stem", "stem", FitNets(), weight=10.0),
         DistillTerm("mgd", "fpn_out/1", "fpn_out/1", MaskedGenerativeDistillation(0.5), weight=1e-3),
     ]
-    module = _module(teacher_file, terms)
+    module = _module(pyramid_teacher_file, terms)
     regressor = module.distiller.pairs["fit"][0].loss.regressor
     generator = module.distiller.pairs["mgd"][0].loss.generator
     align = module.distiller.pairs["mgd"][0].loss.align
@@ -221,7 +224,7 @@ def test_a_loss_own_modules_are_built_trained_checkpointed_and_not_exported(teac
     saved = torch.load(path, weights_only=True)["state_dict"]
     assert torch.equal(saved["distiller.pairs.fit.0.loss.regressor.weight"], regressor.weight)
     assert not any(key.startswith("teacher.") for key in saved)
-    restored = _module(teacher_file, terms)
+    restored = _module(pyramid_teacher_file, terms)
     restored.on_load_checkpoint({"state_dict": saved, "teacher_fingerprint": module.teacher_fingerprint})
     restored.load_state_dict(saved)
     assert torch.equal(restored.distiller.pairs["fit"][0].loss.regressor.weight, regressor.weight)
@@ -293,12 +296,12 @@ class _AtTrainStart(L.Callback):
         self.adam_steps = sorted({float(s["step"]) for s in trainer.optimizers[1].state.values()})
 
 
-def test_a_loss_with_its_own_optimiser_must_say_what_it_trains(teacher_file):
+def test_a_loss_with_its_own_optimiser_must_say_what_it_trains(pyramid_teacher_file):
     class Incomplete(ChannelWiseDivergence):
         auxiliary_optimizer = staticmethod(torch.optim.Adam)
 
     with pytest.raises(TypeError, match="sets auxiliary_optimizer but has no auxiliary_loss"):
-        _module(teacher_file, [DistillTerm("x", "fpn_out/0", "fpn_out/0", Incomplete(), connector="conv")])
+        _module(pyramid_teacher_file, [DistillTerm("x", "fpn_out/0", "fpn_out/0", Incomplete(), connector="conv")])
 
     class NoLoss(DistillationLoss):  # the base class's auxiliary_loss only raises
         auxiliary_optimizer = staticmethod(torch.optim.Adam)
@@ -314,7 +317,7 @@ def test_a_loss_with_its_own_optimiser_must_say_what_it_trains(teacher_file):
             return (student - teacher).pow(2).mean()
 
     with pytest.raises(TypeError, match="NoLoss sets auxiliary_optimizer but has no auxiliary_loss"):
-        _module(teacher_file, [DistillTerm("x", "fpn_out/0", "fpn_out/0", NoLoss(), connector="conv")])
+        _module(pyramid_teacher_file, [DistillTerm("x", "fpn_out/0", "fpn_out/0", NoLoss(), connector="conv")])
 
 
 class _LearningRates(L.Callback):
@@ -325,9 +328,9 @@ class _LearningRates(L.Callback):
         self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
 
 
-def test_the_module_steps_its_schedule_once_per_training_step(teacher_file, tiny_shapes):
-    module = _module(teacher_file, [DistillTerm("x", "fpn_out/0", "fpn_out/0", ChannelWiseDivergence(), calls=None,
-                                                connector="conv")], lr_schedule="poly", poly_power=0.9)  # fmt: skip
+def test_the_module_steps_its_schedule_once_per_training_step(pyramid_teacher_file, tiny_shapes):
+    term = DistillTerm("x", "fpn_out/0", "fpn_out/0", ChannelWiseDivergence(), calls=None, connector="conv")
+    module = _module(pyramid_teacher_file, [term], lr_schedule="poly", poly_power=0.9)
     rates = _LearningRates()
     _fit(module, tiny_shapes, steps=4, callbacks=[rates])
     assert rates.rates == pytest.approx([0.1 * (1 - k / 4) ** 0.9 for k in range(4)], rel=1e-9)

@@ -129,23 +129,29 @@ def test_a_teacher_without_weights_is_still_refused(tiny_shapes, tmp_path):
         DistillCLI(args=[*args, *tiny_overrides(tiny_shapes, 2), *_QUIET], run=False)
 
 
+def _torchvision_teacher_cli(teacher_path: str, written_in: str, tiny_shapes, tmp_path) -> DistillCLI:
+    """shapes_cwd with a (random, cached) torchvision DeepLabV3 teacher whose term taps ``teacher_path``, the
+    term written in a YAML file or on the command line."""
+    _fake_torchvision_weights(tmp_path / "torch", "deeplabv3_mobilenet_v3_large", aux_loss=True)
+    override = tmp_path / "term.yaml"
+    loss = "{class_path: cwd_lightning.losses.ChannelWiseDivergence}"
+    term = f"{{name: cwd_logits, student: segmentation_head, teacher: {teacher_path}, loss: {loss}, connector: conv}}"
+    override.write_text(f"model:\n  terms:\n    - {term}\n")
+    on_the_command_line = ["--model.terms.0.teacher", teacher_path.strip('"'), "--model.terms.0.connector", "conv"]
+    where = ["--config", str(override)] if written_in == "yaml" else on_the_command_line
+    return DistillCLI(args=[
+        "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), *where, "--runs_root", str(tmp_path / "runs"),
+        "--model.teacher", _spec("torchvision_model", name="deeplabv3_mobilenet_v3_large"),
+        "--model.teacher_checkpoint", "null", *tiny_overrides(tiny_shapes, 2), *_QUIET,
+    ], run=False)  # fmt: skip
+
+
 @pytest.mark.parametrize("written_in", ["yaml", "command line"])
 def test_the_output_selector_is_a_path_not_a_yaml_list(written_in, tiny_shapes, tmp_path, monkeypatch):
     """``teacher: /out`` taps the key ``out`` of the teacher's own output (a dict for torchvision), written
     plain in YAML and on the command line alike."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    _fake_torchvision_weights(tmp_path / "torch", "deeplabv3_mobilenet_v3_large", aux_loss=True)
-    override = tmp_path / "term.yaml"
-    loss = "{class_path: cwd_lightning.losses.ChannelWiseDivergence}"
-    override.write_text('model:\n  terms:\n    - {name: cwd_logits, student: segmentation_head, teacher: /out, '
-                        f"loss: {loss}, connector: conv}}\n")  # fmt: skip
-    where = ["--config", str(override)] if written_in == "yaml" else ["--model.terms.0.teacher", "/out",
-                                                                     "--model.terms.0.connector", "conv"]  # fmt: skip
-    cli = DistillCLI(args=[
-        "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), *where, "--runs_root", str(tmp_path / "runs"),
-        "--model.teacher", _spec("torchvision_model", name="deeplabv3_mobilenet_v3_large"),
-        "--model.teacher_checkpoint", "null", *tiny_overrides(tiny_shapes, 2), *_QUIET,
-    ], run=False)  # fmt: skip
+    cli = _torchvision_teacher_cli("/out", written_in, tiny_shapes, tmp_path)
     (pair,) = cli.model.distiller.pairs["cwd_logits"]
     assert pair.teacher_path == "/out"
     logged = _fit(cli)
@@ -157,18 +163,7 @@ def test_the_old_selector_form_fails_naming_the_new_one(written_in, tiny_shapes,
     """``"[out]"`` (read as the list ``["out"]``) and ``backbone.fpn[p6]`` were the selectors before
     ``/out`` and ``backbone.fpn/p6``: a config that still has them fails in one line that names the new form."""
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
-    _fake_torchvision_weights(tmp_path / "torch", "deeplabv3_mobilenet_v3_large", aux_loss=True)
-    override = tmp_path / "term.yaml"
-    loss = "{class_path: cwd_lightning.losses.ChannelWiseDivergence}"
-    override.write_text('model:\n  terms:\n    - {name: cwd_logits, student: segmentation_head, teacher: "[out]", '
-                        f"loss: {loss}, connector: conv}}\n")  # fmt: skip
-    where = ["--config", str(override)] if written_in == "yaml" else ["--model.terms.0.teacher", "[out]",
-                                                                     "--model.terms.0.connector", "conv"]  # fmt: skip
     with pytest.raises(SystemExit, match=r"no module 'out' in teacher; .*write the path '/out'"):
-        DistillCLI(args=[
-            "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), *where, "--runs_root", str(tmp_path / "runs"),
-            "--model.teacher", _spec("torchvision_model", name="deeplabv3_mobilenet_v3_large"),
-            "--model.teacher_checkpoint", "null", *tiny_overrides(tiny_shapes, 2), *_QUIET,
-        ], run=False)  # fmt: skip
+        _torchvision_teacher_cli('"[out]"', written_in, tiny_shapes, tmp_path)
     with pytest.raises(ValueError, match=r"the selector 'backbone\.fpn\[p6\]' is written 'backbone\.fpn/p6' now"):
         DistillTerm("cwd_fpn", "backbone.fpn[p6]", "backbone.fpn[p6]", ChannelWiseDivergence())
