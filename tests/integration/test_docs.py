@@ -74,7 +74,7 @@ def test_nothing_in_the_repository_points_outside_it():
     found = []
     for name in files:
         path = REPO / name
-        if path.suffix in (".png", ".ckpt", ".pt") or not path.is_file():
+        if path.suffix in (".png", ".ckpt", ".pt") or not path.is_file() or path == Path(__file__):
             continue
         try:
             text = path.read_text()

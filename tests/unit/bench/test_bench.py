@@ -65,6 +65,9 @@ def test_micro_benchmark_times_every_loss():
 
 
 def test_peer_without_torchdistill_is_recorded_not_fatal(monkeypatch):
-    monkeypatch.setitem(sys.modules, "torchdistill", None)  # import torchdistill now raises ImportError
+    for name in ["torchdistill", *(name for name in sys.modules if name.startswith("torchdistill."))]:
+        monkeypatch.setitem(
+            sys.modules, name, None
+        )  # importing it (or an already imported part) now raises ImportError
     result = peer.compare(None, None, repeats=1, warmup=0, precision="32", ours_ms=None)
     assert result["skipped"].startswith("torchdistill not installed")
