@@ -119,3 +119,32 @@ def tiny_detection_datamodule(root: Path):
     return DetectionDataModule(str(root), SHAPES_CLASSES[1:], layout="coco", train_split="train", val_split="val",
                                image_dir="JPEGImages", image_size=32, batch_size=4, val_batch_size=4, num_workers=0,
                                shapes=ShapesSpec(num_train=24, num_val=8, image_size=32, seed=1))  # fmt: skip
+
+
+def seeded_state(shapes: dict[str, list[int]]) -> dict[str, Tensor]:
+    """Weights for a state_dict of these key names and shapes, each a function of its key alone (seeded by the
+    key's CRC-32), so that a fixture written by another framework's model is rebuilt here without it: conv and
+    linear weights ~ N(0, 1/fan_in), 1-D weights (norm scales) ~ 1 + N(0, 0.1²), biases and running means
+    ~ N(0, 0.1²), running variances ~ U(0.5, 1.5), batch counters 0."""
+    import zlib
+
+    state = {}
+    for key, shape in shapes.items():
+        generator = torch.Generator().manual_seed(zlib.crc32(key.encode()))
+        if key.endswith("num_batches_tracked"):
+            state[key] = torch.tensor(0)
+        elif key.endswith("running_var"):
+            state[key] = 0.5 + torch.rand(shape, generator=generator)
+        elif len(shape) >= 2:
+            fan_in = int(torch.tensor(shape[1:]).prod())
+            state[key] = torch.randn(shape, generator=generator) / fan_in**0.5
+        elif key.endswith("weight"):
+            state[key] = 1 + 0.1 * torch.randn(shape, generator=generator)
+        else:
+            state[key] = 0.1 * torch.randn(shape, generator=generator)
+    return state
+
+
+def fixture_input(batch: int = 1, size: int = 64) -> Tensor:
+    """The fixed input the framework fixtures were computed on."""
+    return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))

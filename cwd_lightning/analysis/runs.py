@@ -12,8 +12,8 @@ import torch
 import yaml
 from torch import nn
 
-from cwd_lightning.distill.teacher import read_weights
 from cwd_lightning.models.pretrained import without_pretrained
+from cwd_lightning.models.weights import read_weights
 from cwd_lightning.runs.identity import identity_digest
 from cwd_lightning.tasks import monitored_metric
 

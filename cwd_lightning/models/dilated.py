@@ -9,6 +9,7 @@ from typing import Literal
 from torch import Tensor, nn
 
 from cwd_lightning.models.heads import AtrousPyramidHead, FCNHead, PyramidPoolingHead
+from cwd_lightning.models.weights import load_weights
 
 #: timm names of the V1c ResNets (deep stem 32-32-64, as mmseg's), and extra arguments; the V1d ones (deep
 #: stem and average-pool shortcuts) are offered because timm has ImageNet weights for their ResNet-18/34
@@ -53,10 +54,13 @@ def build_dilated_segmentor(
     auxiliary: bool = True,
     channels: int | None = None,
     auxiliary_channels: int | None = None,
+    checkpoint: str | None = None,
 ) -> DilatedSegmentor:
     """mmseg's channel widths by default: head 512 and auxiliary 256 for ResNet-50/101/152, 128 and 64 for
     ResNet-18/34. ``encoder_weights="imagenet"`` loads timm's ImageNet weights where timm has them (the
-    50/101/152 V1c); a deep-stem ResNet-18/34 has none in timm, which is an error naming the choice."""
+    50/101/152 V1c); a deep-stem ResNet-18/34 has none in timm, which is an error naming the choice.
+    ``checkpoint`` loads the whole network's weights after it is built: a state_dict, a run's ``.ckpt`` or an
+    mmsegmentation model-zoo file of the same network (e.g. to start a student from mmseg's ``pspnet_r18-d8``)."""
     import timm
 
     if encoder_name not in _ENCODERS:
@@ -92,7 +96,10 @@ def build_dilated_segmentor(
     head_class = PyramidPoolingHead if head == "psp" else AtrousPyramidHead
     decode_head = head_class(stage4_channels, channels, num_classes)
     auxiliary_head = FCNHead(stage3_channels, auxiliary_channels, num_classes) if auxiliary else None
-    return DilatedSegmentor(encoder, decode_head, auxiliary_head)
+    segmentor = DilatedSegmentor(encoder, decode_head, auxiliary_head)
+    if checkpoint is not None:
+        load_weights(segmentor, checkpoint, side="student")
+    return segmentor
 
 
 def _undilate_basic_block_conv2(encoder: nn.Module) -> None:

@@ -104,3 +104,25 @@ def test_a_network_a_checkpoint_replaces_is_built_without_downloading_its_pretra
                      run=False)  # fmt: skip
     assert cli.model.teacher is not None
     assert cli.config["model"]["teacher"]["init_args"]["encoder_weights"] == "imagenet"
+
+
+def test_cityscapes_cwd_runs_with_an_mmseg_teacher_file(tmp_path, monkeypatch):
+    """The cityscapes_cwd_mmseg preset with an mmseg model-zoo file of PSPNet-R101-D8 (the fixture's seeded
+    weights in mmseg's key names): built offline, the teacher converted, the probe run."""
+    import json
+
+    from tests.helpers import seeded_state
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    record = json.loads((REPO / "tests" / "fixtures" / "openmmlab" / "mmseg_pspnet_r101-d8.json").read_text())
+    teacher = tmp_path / "pspnet_r101-d8_512x1024_80k_cityscapes.pth"
+    torch.save({"meta": {"mmseg_version": "0.x"}, "state_dict": seeded_state(record["keys"])}, teacher)
+    cli = DistillCLI(args=["--config", str(REPO / "experiments" / "cityscapes_cwd_mmseg.yaml"), "--runs_root",
+                           str(tmp_path / "runs"), "--model.teacher_checkpoint", str(teacher),
+                           "--model.student.init_args.encoder_weights", "null", "--model.task.init_args.example_size",
+                           "64", "--trainer.logger", "false"], run=False)  # fmt: skip
+    (pair,) = cli.model.distiller.pairs["cwd_logits"]
+    assert pair.teacher_path == "decode_head.classifier"
+    expected = seeded_state({"decode_head.conv_seg.weight": record["keys"]["decode_head.conv_seg.weight"]})
+    assert torch.equal(cli.model.teacher.decode_head.classifier.weight, expected["decode_head.conv_seg.weight"])
+    assert cli.model.teacher_fingerprint is not None

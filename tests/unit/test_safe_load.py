@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-from cwd_lightning.distill.teacher import read_weights
+from cwd_lightning.models.weights import read_weights
 from cwd_lightning.safe_load import load_weights_only
 
 
