@@ -56,17 +56,36 @@ def mmseg_config(head: str, depth: int, classes: int = 19) -> dict:
     loss = {"type": "CrossEntropyLoss", "use_sigmoid": False, "loss_weight": 1.0}
     decode = {"in_channels": stage4, "in_index": 3, "channels": channels, "dropout_ratio": 0.1, "num_classes": classes,
               "norm_cfg": norm, "align_corners": False, "loss_decode": loss}  # fmt: skip
-    decode |= {"type": "PSPHead", "pool_scales": (1, 2, 3, 6)} if head == "psp" else {"type": "ASPPHead",
-                                                                                       "dilations": (1, 12, 24, 36)}  # fmt: skip
+    psp, aspp = {"type": "PSPHead", "pool_scales": (1, 2, 3, 6)}, {"type": "ASPPHead", "dilations": (1, 12, 24, 36)}
+    decode |= psp if head == "psp" else aspp
     return {
         "type": "EncoderDecoder",
-        "backbone": {"type": "ResNetV1c", "depth": depth, "num_stages": 4, "out_indices": (0, 1, 2, 3),
-                     "dilations": (1, 1, 2, 4), "strides": (1, 2, 1, 1), "norm_cfg": norm, "norm_eval": False,
-                     "style": "pytorch", "contract_dilation": True},  # fmt: skip
+        "backbone": {
+            "type": "ResNetV1c",
+            "depth": depth,
+            "num_stages": 4,
+            "out_indices": (0, 1, 2, 3),
+            "dilations": (1, 1, 2, 4),
+            "strides": (1, 2, 1, 1),
+            "norm_cfg": norm,
+            "norm_eval": False,
+            "style": "pytorch",
+            "contract_dilation": True,
+        },
         "decode_head": decode,
-        "auxiliary_head": {"type": "FCNHead", "in_channels": stage3, "in_index": 2, "channels": auxiliary, "num_convs": 1,
-                           "concat_input": False, "dropout_ratio": 0.1, "num_classes": classes, "norm_cfg": norm,
-                           "align_corners": False, "loss_decode": {**loss, "loss_weight": 0.4}},  # fmt: skip
+        "auxiliary_head": {
+            "type": "FCNHead",
+            "in_channels": stage3,
+            "in_index": 2,
+            "channels": auxiliary,
+            "num_convs": 1,
+            "concat_input": False,
+            "dropout_ratio": 0.1,
+            "num_classes": classes,
+            "norm_cfg": norm,
+            "align_corners": False,
+            "loss_decode": {**loss, "loss_weight": 0.4},
+        },
     }
 
 

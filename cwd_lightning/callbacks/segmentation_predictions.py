@@ -29,8 +29,10 @@ class SegmentationPredictionMonitor(FixedBatchCallback):
 
         images, masks = batch
         columns = {"ground truth": masks.cpu().numpy()}
-        if getattr(module, "teacher", None) is not None:
-            columns["teacher"] = module.task.predict(module.teacher, images).cpu().numpy()
+        teacher = getattr(module, "teacher", None)
+        predicted = module.task.predict(teacher, images) if teacher is not None else None
+        if predicted is not None:  # a feature teacher (a ViT's maps) has no class map to show
+            columns["teacher"] = predicted.cpu().numpy()
         with evaluating(module.student):
             columns["student"] = module.task.predict(module.student, images).cpu().numpy()
         shown = [self.display_image(trainer, image) for image in images]

@@ -4,6 +4,7 @@ that declare what more they need (labels, modules of their own, an optimiser of 
 from cwd_lightning.losses.attention_transfer import AttentionTransfer
 from cwd_lightning.losses.base import DistillationLoss
 from cwd_lightning.losses.channel_mean import ChannelMeanMSE
+from cwd_lightning.losses.cosine import CosineDistance
 from cwd_lightning.losses.cwd import ChannelWiseDivergence
 from cwd_lightning.losses.dist import DIST
 from cwd_lightning.losses.fitnets import FitNets
@@ -20,6 +21,7 @@ __all__ = [
     "AttentionTransfer",
     "ChannelMeanMSE",
     "ChannelWiseDivergence",
+    "CosineDistance",
     "DistillationLoss",
     "FitNets",
     "HolisticAdversarial",

@@ -5,16 +5,20 @@ from cwd_lightning.models.detection import build_detector
 from cwd_lightning.models.dilated import DilatedSegmentor, build_dilated_segmentor
 from cwd_lightning.models.portable import PortableSegmenter, portable_segmenter
 from cwd_lightning.models.segmentation import build_segmentation_model, main_logits
+from cwd_lightning.models.vit import VitFeatureMaps, tokens_to_map, vit_features
 from cwd_lightning.models.zoo import smp_pretrained, torchvision_model
 
 __all__ = [
     "DilatedSegmentor",
     "PortableSegmenter",
+    "VitFeatureMaps",
     "build_detector",
     "build_dilated_segmentor",
     "build_segmentation_model",
     "main_logits",
     "portable_segmenter",
     "smp_pretrained",
+    "tokens_to_map",
     "torchvision_model",
+    "vit_features",
 ]

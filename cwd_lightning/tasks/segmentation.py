@@ -89,9 +89,13 @@ class SegmentationTask(Task):
             loss = loss + self.aux_weight * auxiliary
         return loss, parts
 
-    def predict(self, model: nn.Module, images: Tensor) -> Tensor:
-        """Class map at the images' size (logits upsampled first, as for the metrics)."""
-        logits = main_logits(model(images))
+    def predict(self, model: nn.Module, images: Tensor) -> Tensor | None:
+        """Class map at the images' size (logits upsampled first, as for the metrics); None for a model that gives
+        no logits (a feature teacher: its output is a dict of maps without ``out``)."""
+        output = model(images)
+        if isinstance(output, dict) and "out" not in output:
+            return None
+        logits = main_logits(output)
         if logits.shape[-2:] != images.shape[-2:]:
             logits = F.interpolate(logits, size=images.shape[-2:], mode="bilinear", align_corners=False)
         return logits.argmax(1)

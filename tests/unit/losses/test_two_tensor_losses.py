@@ -1,4 +1,4 @@
-"""The two-tensor losses (pixel-wise KD, AT, LOCAL, PA, IFVD, channel-mean, NFD, DIST) against float64
+"""The two-tensor losses (pixel-wise KD, AT, LOCAL, PA, IFVD, channel-mean, NFD, DIST, cosine) against float64
 references, and the properties every loss shares: zero at student = teacher, gradients to the student only,
 shape checks, fp32 under autocast, bad arguments refused."""
 
@@ -17,22 +17,19 @@ from cwd_lightning.losses import (
     AttentionTransfer,
     ChannelMeanMSE,
     ChannelWiseDivergence,
+    CosineDistance,
     IntraClassFeatureVariation,
     LocalAffinity,
     NormalizedFeatureDistillation,
     PairwiseAffinity,
     PixelWiseKD,
 )
+from tests.helpers import random_maps
 
 N, C, H, W = 2, 3, 5, 4
 
 
 IGNORE = 255
-
-
-def random_maps(*shape: int, seed: int, scale: float = 1.0) -> Tensor:
-    generator = torch.Generator().manual_seed(seed)
-    return torch.randn(*shape, generator=generator) * scale
 
 
 def example_labels() -> Tensor:
@@ -58,6 +55,7 @@ LOSSES: dict[str, tuple[Callable[[], nn.Module], bool, dict]] = {
     "channel_mean": (lambda: ChannelMeanMSE(), False, {}),
     "nfd": (lambda: NormalizedFeatureDistillation(), False, {}),
     "dist": (lambda: DIST(tau=2.0), False, {}),
+    "cosine": (lambda: CosineDistance(), False, {}),
 }
 
 
@@ -404,3 +402,31 @@ def test_fp32_under_autocast(name):
 def test_rejects_bad_arguments(build):
     with pytest.raises(ValueError):
         build()
+
+
+# ---------------------------------------------------------------- cosine distance
+def reference_cosine(student: Tensor, teacher: Tensor, eps: float = 1e-8) -> float:
+    """1 − cos over channels at each location, mean over N·H·W, in float64 by explicit sums."""
+    s, t = student.double(), teacher.double()
+    dot = (s * t).sum(1)
+    norms = s.pow(2).sum(1).sqrt().clamp_min(eps) * t.pow(2).sum(1).sqrt().clamp_min(eps)
+    return float((1 - dot / norms).mean())
+
+
+def test_cosine_distance_value_zero_at_the_teacher_and_scale_free():
+    student, teacher = random_maps(2, 6, 3, 4, seed=11), random_maps(2, 6, 3, 4, seed=12)
+    loss = CosineDistance()
+    assert float(loss(student, teacher)) == pytest.approx(reference_cosine(student, teacher), abs=1e-6)
+    assert float(loss(teacher.clone(), teacher)) == pytest.approx(0.0, abs=1e-6)
+    assert float(loss(3.0 * teacher, teacher)) == pytest.approx(0.0, abs=1e-6)  # the length is free
+    assert float(loss(-teacher, teacher)) == pytest.approx(2.0, abs=1e-6)
+    student = student.clone().requires_grad_(True)
+    teacher = teacher.clone().requires_grad_(True)
+    loss(student, teacher).backward()
+    assert student.grad is not None and float(student.grad.abs().sum()) > 0 and teacher.grad is None
+    zero = torch.zeros(1, 6, 2, 2)
+    assert float(loss(zero, random_maps(1, 6, 2, 2, seed=3))) == pytest.approx(1.0)  # orthogonal, not NaN
+    with pytest.raises(ValueError, match="same shape"):
+        loss(random_maps(1, 5, 2, 2, seed=1), random_maps(1, 6, 2, 2, seed=2))
+    with pytest.raises(ValueError, match="eps must be > 0"):
+        CosineDistance(eps=0)
