@@ -8,9 +8,9 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-#: smp/timm encoders (``encoder_weights``), our detectors (``backbone_weights``), torchvision (``weights``), a
-#: builder's own weights file (``checkpoint``)
-PRETRAINED_ARGUMENTS = ("encoder_weights", "backbone_weights", "weights", "checkpoint")
+#: smp/timm encoders (``encoder_weights``), our detectors (``backbone_weights``), torchvision (``weights``), timm
+#: (``pretrained``), a builder's own weights file (``checkpoint``)
+PRETRAINED_ARGUMENTS = ("encoder_weights", "backbone_weights", "weights", "pretrained", "checkpoint")
 
 
 def without_pretrained(spec: dict[str, Any]) -> dict[str, Any]:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -85,17 +86,18 @@ def vit_features(
     pretrained: bool = False,
     checkpoint: str | None = None,
     num_classes: int | None = None,
-    **timm_args,
+    timm_args: dict[str, Any] | None = None,
 ) -> VitFeatureMaps:
     """A timm ViT by name (``vit_small_patch14_dinov2.lvd142m``, ``vit_base_patch16_clip_224.openai``,
     ``eva02_small_patch14_224.mim_in22k`` …) as maps (``VitFeatureMaps``), with timm's pretrained weights
     (downloaded from the Hugging Face hub on first use) or a ``checkpoint`` (a state_dict of the timm model).
-    ``timm_args`` go to ``timm.create_model`` (e.g. ``img_size``, ``patch_size``, ``reg_tokens`` for a model
-    trained here); the position embedding follows other image sizes (``dynamic_img_size``)."""
+    ``timm_args`` go to ``timm.create_model`` (e.g. ``{img_size: 64, patch_size: 8}`` for a model trained
+    here); the position embedding follows other image sizes (``dynamic_img_size``)."""
     import timm
 
     try:
-        vit = timm.create_model(name, pretrained=pretrained, num_classes=0, dynamic_img_size=True, **timm_args)
+        vit = timm.create_model(name, pretrained=bool(pretrained), num_classes=0, dynamic_img_size=True,
+                                **(timm_args or {}))  # fmt: skip
     except Exception as error:
         if not pretrained:
             raise

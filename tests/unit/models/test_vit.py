@@ -16,8 +16,10 @@ from cwd_lightning.tasks import SegmentationTask
 from tests.helpers import tiny_datamodule, tiny_segmenter
 
 #: a ViT small enough for a test: 32×32 images, 8×8 patches, 2 blocks of width 32, a class and 2 register tokens
-TINY = {"name": "vit_tiny_patch16_224", "img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2,
-        "reg_tokens": 2}  # fmt: skip
+TINY = {
+    "name": "vit_tiny_patch16_224",
+    "timm_args": {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2, "reg_tokens": 2},
+}
 
 
 def test_tokens_become_the_patch_grid_without_the_prefix_tokens():
