@@ -30,7 +30,7 @@ install: $(STAMP) ## Create .venv and install the package (editable) with pinned
 $(STAMP): pyproject.toml constraints.txt
 	test -d $(VENV) || $(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install --quiet --upgrade pip
-	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,export,bench]'
+	$(VENV)/bin/pip install --quiet -c constraints.txt -e '.[dev,export,bench,hf]'
 	touch $@
 
 train: $(STAMP) $(TEACHER_CKPT) ## Train EXP (teacher first if its checkpoint is missing); ARGS are passed to the CLI

@@ -148,3 +148,14 @@ def seeded_state(shapes: dict[str, list[int]]) -> dict[str, Tensor]:
 def fixture_input(batch: int = 1, size: int = 64) -> Tensor:
     """The fixed input the framework fixtures were computed on."""
     return torch.randn(batch, 3, size, size, generator=torch.Generator().manual_seed(0))
+
+
+def tiny_segformer(folder: Path, classes: int = 11) -> Path:
+    """A tiny random SegFormer (four stages of width 8–32, 58k parameters) saved with ``save_pretrained``."""
+    from transformers import SegformerConfig, SegformerForSemanticSegmentation
+
+    torch.manual_seed(0)
+    config = SegformerConfig(num_labels=classes, depths=[1, 1, 1, 1], hidden_sizes=[8, 16, 24, 32],
+                             num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=32)  # fmt: skip
+    SegformerForSemanticSegmentation(config).save_pretrained(folder)
+    return folder

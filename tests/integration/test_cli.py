@@ -205,3 +205,33 @@ def test_no_credential_reaches_the_run_record(tiny_shapes, tmp_path, monkeypatch
     assert any(p.name == "last.ckpt" for p in files) and any(p.suffix == ".wandb" for p in files)
     assert [p for p in files if secret.encode() in p.read_bytes()] == []  # configs, logs, checkpoints, W&B
     assert secret not in result.stdout + result.stderr
+
+
+def test_a_huggingface_teacher_and_a_huggingface_student_distil_through_the_cli(teacher_run, tiny_shapes, tmp_path):
+    """A tiny SegFormer saved with save_pretrained: as the teacher of the shapes student (its 1/4-stride logits
+    resized to the student's), and as a student distilled from the tiny teacher run."""
+    from tests.helpers import tiny_segformer
+
+    folder = tiny_segformer(tmp_path / "segformer")
+    work, teacher_dir, _, _ = teacher_run
+    spec = json.dumps({"class_path": "cwd_lightning.models.huggingface_model", "init_args": {"source": str(folder)}})
+    cwd = str(REPO / "experiments" / "shapes_cwd.yaml")
+    as_teacher = run_cli("fit", "--config", cwd, "--experiment", "hf_teacher", "--runs_root", str(tmp_path / "runs"),
+                         "--model.teacher", spec, "--model.teacher_checkpoint", "null",
+                         "--model.terms.cwd_logits.teacher", "model.decode_head.classifier",
+                         "--model.terms.cwd_logits.resize", "teacher_to_student", "--trainer.callbacks", "[]",
+                         *tiny_overrides(tiny_shapes, 2), cwd=work)  # fmt: skip
+    assert as_teacher.returncode == 0, as_teacher.stderr[-3000:]
+    student = json.dumps({"class_path": "cwd_lightning.models.huggingface_model",
+                          "init_args": {"source": str(folder), "pretrained": False}})  # fmt: skip
+    as_student = run_cli("fit", "--config", cwd, "--experiment", "hf_student", "--runs_root", str(tmp_path / "runs"),
+                         "--model.student", student,
+                         "--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
+                         "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"),
+                         "--model.terms.cwd_logits.student", "model.decode_head.classifier",
+                         "--model.terms.cwd_logits.resize", "teacher_to_student", "--trainer.callbacks", "[]",
+                         *tiny_overrides(tiny_shapes, 2), cwd=work)  # fmt: skip
+    assert as_student.returncode == 0, as_student.stderr[-3000:]
+    for run in ("hf_teacher", "hf_student"):
+        values = _column(_metrics(tmp_path / "runs" / run), "train/distill/cwd_logits")
+        assert values and all(value > 0 for value in values)
