@@ -9,11 +9,12 @@ identity is hashed (``runs/identity.py``). For every ``results/<table>/<row>/see
 2. resolves the row's config at the current code (``sweeps.runner.resolved_config``);
 3. checks that the two agree on every key the recorded config has (the recorded runs predate some keys, which
    the current config has at their defaults; those are listed), and refuses otherwise;
-4. writes the current resolved config and its identity digest into the file, with a ``migrated`` record of
-   what changed.
+4. writes the current resolved config and its identity digest into the file, with a record of what changed
+   appended to its ``migrations``.
 
-``python scripts/migrate_results.py`` (``--check`` only reports). Run once at the redesign; kept as the record
-of how the files were migrated.
+``python scripts/migrate_results.py`` (``--check`` only reports). Run at the redesign, and again when several
+teachers added keys at their defaults (``terms[i].from_teacher``, ``model.teachers``, ``model.teacher_checkpoints``);
+kept as the record of how the files were migrated.
 """
 
 from __future__ import annotations
@@ -86,8 +87,9 @@ def migrate(result_path: Path, current: dict, check: bool) -> dict:
               "digest": [result.get("config_digest"), digest]}  # fmt: skip
     if not check:
         result.update(resolved_config=current, config_digest=digest)
-        result["migrated"] = {"at_commit": commit(), "renamed": renamed, "added_at_defaults": added,
-                              "previous_digest": report["digest"][0]}  # fmt: skip
+        history = result.pop("migrations", None) or ([result.pop("migrated")] if "migrated" in result else [])
+        result["migrations"] = [*history, {"at_commit": commit(), "renamed": renamed, "added_at_defaults": added,
+                                           "previous_digest": report["digest"][0]}]  # fmt: skip
         write_result(result_path, result)
     return report
 

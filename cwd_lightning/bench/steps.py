@@ -12,7 +12,7 @@ import torch
 
 from cwd_lightning.distill.guards import finite_flags
 from cwd_lightning.distill.module import DistillationModule
-from cwd_lightning.distill.teacher import CachedTeacher
+from cwd_lightning.distill.teacher import CachedTeacher, TeacherOutputs
 from cwd_lightning.distill.teacher_cache import TeacherCache
 
 Precision = Literal["32", "bf16-mixed"]
@@ -60,9 +60,9 @@ def teacher_forward_step(module: DistillationModule, batch: Any, precision: Prec
     return step
 
 
-def distillation_step(module: DistillationModule, batch: Any, precision: Precision, teacher: Any = None) -> Step:
+def distillation_step(module: DistillationModule, batch: Any, precision: Precision, teachers: Any = None) -> Step:
     """One full training step through ``DistillationModule.compute_losses`` (teacher recorded under no_grad,
-    or ``teacher``'s tensors, student recorded, every term), then backward and the optimiser step over
+    or ``teachers``' tensors, student recorded, every term), then backward and the optimiser step over
     ``trainable_parameters``; a loss with an optimiser of its own (an adversarial discriminator) then takes
     its step as in ``_manual_update``. No learning-rate schedule: it costs nothing measurable."""
     module.train()
@@ -75,7 +75,7 @@ def distillation_step(module: DistillationModule, batch: Any, precision: Precisi
     def step() -> None:
         with autocast(module.device, precision):
             task_loss, _, distill_total, _, auxiliary_losses = module.compute_losses(
-                batch, module.task.training_loss, teacher, auxiliary=bool(auxiliary)
+                batch, module.task.training_loss, teachers, auxiliary=bool(auxiliary)
             )
         optimizer.zero_grad(set_to_none=True)
         (task_loss + distill_total).backward()
@@ -117,10 +117,10 @@ def cached_distillation_step(module: DistillationModule, batch: Any, precision: 
     teacher."""
     images = module.task.batch_size(batch)
     keys = torch.stack([torch.arange(images), torch.zeros(images, dtype=torch.long)], dim=1)
-    outputs = module.live_teacher.outputs(batch)
+    outputs = module.live_teachers["teacher"].outputs(batch)
     shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in outputs.items()}
     cache = TeacherCache(folder, shapes, images, views=1, dtype="float16")
     cache.fill(lambda _: outputs, [(*batch, keys)], identity={"what": "make bench: one batch"})
     cache.open()
-    cached = CachedTeacher(cache, module.distiller.teacher_recorder)
-    return distillation_step(module, (*batch, keys.to(module.device)), precision, teacher=cached)
+    cached = TeacherOutputs([CachedTeacher(cache, module.live_teachers["teacher"].recorder)], cached=True)
+    return distillation_step(module, (*batch, keys.to(module.device)), precision, teachers=cached)

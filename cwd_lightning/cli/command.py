@@ -120,7 +120,7 @@ class DistillCLI(LightningCLI):
         is touched; only then does a fresh run's folder start (its run id)."""
         ckpt_path = self._command().get("ckpt_path")
         if ckpt_path and launching_rank():  # the other ranks start after these checks passed
-            checks.check_resume(self.run_folder, ckpt_path, self.model.teacher_fingerprint, self.trainer)
+            checks.check_resume(self.run_folder, ckpt_path, self.model.teacher_fingerprints, self.trainer)
         checks.check_data(getattr(self, "datamodule", None), "fit", self.run_folder)
         self.run_folder.start()
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from cwd_lightning.distill.connectors import build_connector, match_size
 from cwd_lightning.distill.recorder import ForwardRecorder
-from cwd_lightning.distill.terms import DistillTerm, pair_labels, select, split_path
+from cwd_lightning.distill.terms import DistillTerm, pair_labels, select, split_path, teacher_side
 from cwd_lightning.losses.base import Declaration, build_own_modules, declaration
 
 
@@ -71,6 +71,7 @@ class DistillPair(nn.Module):
         self.student_path = student_path
         self.teacher_path = teacher_path
         self.call = call
+        self.teacher_name = term.from_teacher
         self.loss = copy.deepcopy(term.loss)  # each pair owns its loss (and whatever the loss builds)
         self.connector: nn.Module | None = None
         self.declared = Declaration(context=(), auxiliary=False)  # read from the loss when the term is built
@@ -102,31 +103,43 @@ class DistillPair(nn.Module):
 
 
 class Distiller(nn.Module):
-    """Recorders on the student and the teacher, and the pairs of every term (``pairs[term][i]``)."""
+    """Recorders on the student and on each teacher a term reads, and the pairs of every term
+    (``pairs[term][i]``). ``teachers`` are the run's teachers by name (``teacher`` is ``model.teacher``)."""
 
-    def __init__(self, terms: list[DistillTerm], student: nn.Module, teacher: nn.Module) -> None:
+    def __init__(self, terms: list[DistillTerm], student: nn.Module, teachers: dict[str, nn.Module]) -> None:
         super().__init__()
         if len({term.name for term in terms}) != len(terms):
             raise ValueError("model.terms: every distillation term needs a unique name")
+        for term in terms:
+            if term.from_teacher not in teachers:
+                raise ValueError(f"distillation term {term.name!r}: from_teacher {term.from_teacher!r} is not a "
+                                 f"teacher of this run (teachers: {', '.join(teachers) or 'none'})")  # fmt: skip
+        unread = sorted(set(teachers) - {term.from_teacher for term in terms} - {"teacher"})
+        if unread:
+            raise ValueError(f"model.teachers: {', '.join(unread)} read by no term (set from_teacher in a term)")
         self.terms = terms
         self.student_recorder = ForwardRecorder(
             student, [split_path(p)[0] for t in terms for p in t.student_paths], side="student"
         )
-        self.teacher_recorder = ForwardRecorder(
-            teacher, [split_path(p)[0] for t in terms for p in t.teacher_paths], side="teacher"
-        )
+        paths = {name: [split_path(p)[0] for t in terms if t.from_teacher == name for p in t.teacher_paths]
+                 for name in teachers}  # fmt: skip
+        self.teacher_recorders = {
+            name: ForwardRecorder(model, paths[name], side=teacher_side(name)) for name, model in teachers.items()
+            if paths[name]
+        }  # fmt: skip
         self.pairs = nn.ModuleDict()
 
     # ------------------------------------------------------------------ build
-    def build(self, task: Any, student: nn.Module, teacher: nn.Module) -> Distiller:
-        """Probe forward of both models on the task's example input (the student in eval mode, so no
-        BatchNorm statistics move), then per term: expand paths × calls into pairs, build connectors and the
-        losses' own modules from the probed shapes, check each loss's declaration, and call it once so a
-        shape mismatch fails now."""
+    def build(self, task: Any, student: nn.Module, teachers: dict[str, nn.Module]) -> Distiller:
+        """Probe forward of the student and the teachers on the task's example input (the student in eval
+        mode, so no BatchNorm statistics move), then per term: expand paths × calls into pairs, build
+        connectors and the losses' own modules from the probed shapes, check each loss's declaration, and
+        call it once so a shape mismatch fails now."""
         example = task.example_input()
-        with evaluating(student), torch.no_grad(), self.student_recorder, self.teacher_recorder:
+        with evaluating(student), torch.no_grad(), self.recording():
             task.run(student, example, self.student_recorder.paths)
-            task.run(teacher, example, self.teacher_recorder.paths)
+            for name, recorder in self.teacher_recorders.items():
+                task.run(teachers[name], example, recorder.paths)
         try:
             for term in self.terms:
                 self.pairs[term.name] = nn.ModuleList(self._build_term(term, task.has_dense_labels, task.ignore_index))
@@ -141,7 +154,7 @@ class Distiller(nn.Module):
                 side: len(recorder.calls(split_path(path)[0]))
                 for side, recorder, path in (
                     ("student", self.student_recorder, student_path),
-                    ("teacher", self.teacher_recorder, teacher_path),
+                    ("teacher", self.teacher_recorders[term.from_teacher], teacher_path),
                 )
             }
             if counts["student"] != counts["teacher"] and term.calls is not None:
@@ -155,11 +168,11 @@ class Distiller(nn.Module):
         pairs = []
         for label, (student_path, teacher_path, call) in zip(labels, sources, strict=True):
             pair = DistillPair(term, label, student_path, teacher_path, call)
-            student, teacher = pair.tapped(self.student_recorder, self.teacher_recorder)
+            student, teacher = pair.tapped(self.student_recorder, self.teacher_recorders[pair.teacher_name])
             if term.connector is not None:
                 pair.connector = build_connector(term.connector, student.shape[1], teacher.shape[1])
             with torch.no_grad(), evaluating(pair):  # no BN statistics moved by the probe
-                student, teacher = pair.aligned(self.student_recorder, self.teacher_recorder)
+                student, teacher = self.aligned(pair)
             labels = torch.zeros(student.shape[0], *student.shape[2:], dtype=torch.long) if has_labels else None
             try:
                 build_own_modules(pair.loss, student.shape, teacher.shape)
@@ -193,18 +206,24 @@ class Distiller(nn.Module):
         for term in self.terms:
             yield from self.pairs[term.name]
 
+    def aligned(self, pair: DistillPair) -> tuple[Tensor, Tensor]:
+        """The pair's recorded (student, teacher) tensors with its connector and resize applied."""
+        return pair.aligned(self.student_recorder, self.teacher_recorders[pair.teacher_name])
+
     @contextmanager
     def recording(self, student: bool = True, teacher: bool = True) -> Iterator[None]:
         with ExitStack() as stack:
             if student:
                 stack.enter_context(self.student_recorder)
             if teacher:
-                stack.enter_context(self.teacher_recorder)
+                for recorder in self.teacher_recorders.values():
+                    stack.enter_context(recorder)
             yield
 
     def clear(self) -> None:
         self.student_recorder.clear()
-        self.teacher_recorder.clear()
+        for recorder in self.teacher_recorders.values():
+            recorder.clear()
 
     def compute(
         self, context: StepContext, auxiliary: bool = False
@@ -219,7 +238,7 @@ class Distiller(nn.Module):
             for term in self.terms:
                 term_values = []
                 for pair in self.pairs[term.name]:
-                    student, teacher = pair.aligned(self.student_recorder, self.teacher_recorder)
+                    student, teacher = self.aligned(pair)
                     value = pair.value(student, teacher, context)
                     term_values.append(value)
                     if pair.label:

@@ -22,13 +22,12 @@ def distillation_pairs(module: Any, batch: Any) -> dict[str, tuple[Tensor, Tenso
     class_names = getattr(module.task, "class_names", None)
     pairs = {}
     with evaluating(module.student, distiller):
-        with distiller.recording(student=False):
-            module.task.run(module.teacher, inputs, distiller.teacher_recorder.paths)
+        module.live_outputs.record(batch)  # every teacher a term reads
         with distiller.recording(teacher=False):
             module.task.run(module.student, inputs, distiller.student_recorder.paths)
         try:
             for pair in distiller.iter_pairs():
-                student, teacher = pair.aligned(distiller.student_recorder, distiller.teacher_recorder)
+                student, teacher = distiller.aligned(pair)
                 if student.shape != teacher.shape:
                     continue
                 names = class_names if class_names and len(class_names) == student.shape[1] else None
@@ -39,15 +38,15 @@ def distillation_pairs(module: Any, batch: Any) -> dict[str, tuple[Tensor, Tenso
 
 
 def parameter_counts(module: Any) -> dict[str, int]:
-    """Student, teacher, distiller (connectors and the losses' own modules) and trainable parameters."""
+    """Student, teachers (all of them), distiller (connectors and the losses' own modules) and trainable parameters."""
 
     def count(parameters) -> int:
         return sum(p.numel() for p in parameters)
 
-    teacher: nn.Module | None = module.teacher
+    teachers: dict[str, nn.Module] = module.all_teachers()
     return {
         "params/student": count(module.student.parameters()),
-        "params/teacher": count(teacher.parameters()) if teacher is not None else 0,
+        "params/teacher": sum(count(teacher.parameters()) for teacher in teachers.values()),
         "params/distiller": count(module.distiller.parameters()) if module.distiller is not None else 0,
         "params/trainable": count(p for p in module.parameters() if p.requires_grad),
     }

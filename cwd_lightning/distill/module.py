@@ -9,12 +9,19 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
-from cwd_lightning.distill import teacher as teachers
 from cwd_lightning.distill.distiller import Distiller, StepContext
 from cwd_lightning.distill.guards import NonFiniteGuard
 from cwd_lightning.distill.schedules import Schedule, build_schedule
 from cwd_lightning.distill.speed import SpeedSwitches
-from cwd_lightning.distill.teacher_cache import TeacherCacheOptions, open_cache
+from cwd_lightning.distill.teacher import (
+    LiveTeacher,
+    TeacherOutputs,
+    combined_fingerprint,
+    prepare_teachers,
+    restore_into_checkpoint,
+    strip_from_checkpoint,
+)
+from cwd_lightning.distill.teacher_cache import TeacherCacheOptions, cached_teacher_outputs, serve_cache_views
 from cwd_lightning.distill.terms import DistillTerm
 from cwd_lightning.tasks import Task, check_class_counts
 
@@ -23,14 +30,15 @@ class DistillationModule(L.LightningModule):
     """Total loss = task loss + Σ weight · term. Without teacher and terms it trains a plain model
     (a teacher or a baseline student) through the same code path.
 
-    The teacher is loaded from ``teacher_checkpoint``, frozen, kept in eval mode and run under
-    ``no_grad``; its weights are fingerprinted, left out of this module's checkpoints and restored
-    (and checked against the fingerprint) on resume. With ``teacher_cache`` the training steps read the
-    teacher's tensors from a cache filled once instead of running it. The optimiser is ``optimizer`` (the
-    only route to configure it) over the student, the connectors and the losses' own modules; a loss that
-    trains a module of its own with a second optimiser (an adversarial discriminator) switches the module
-    to Lightning's manual optimisation, one update of each optimiser per batch. A non-finite loss, gradient
-    or weight stops the run (``on_non_finite: skip`` skips such steps): ``distill/guards.py``.
+    The teacher is loaded from ``teacher_checkpoint``, frozen, kept in eval mode and run under ``no_grad``; its
+    weights are fingerprinted, left out of this module's checkpoints and restored (and checked against the
+    fingerprint) on resume. More teachers go in ``teachers`` (by name; weights in ``teacher_checkpoints``),
+    handled alike; a term reads one of them (``from_teacher``). With ``teacher_cache`` the training steps read
+    the teachers' tensors from caches filled once. The optimiser is ``optimizer`` (the only route to configure
+    it) over the student, the connectors and the losses' own modules; a loss that trains a module of its own
+    with a second optimiser (an adversarial discriminator) switches the module to Lightning's manual
+    optimisation, one update of each optimiser per batch. A non-finite loss, gradient or weight stops the run
+    (``on_non_finite: skip`` skips such steps): ``distill/guards.py``.
     """
 
     def __init__(
@@ -48,51 +56,70 @@ class DistillationModule(L.LightningModule):
         channels_last: bool = False,
         compile_student: str | None = None,
         teacher_cache: TeacherCacheOptions | None = None,
+        teachers: dict[str, nn.Module] | None = None,
+        teacher_checkpoints: dict[str, str] | None = None,
     ) -> None:
         super().__init__()
         self.task, self.student, self.teacher = task, student, teacher
+        if "teacher" in (teachers or {}):
+            raise ValueError("model.teachers: the name 'teacher' is model.teacher's; name the others otherwise")
+        self.teachers = nn.ModuleDict(teachers or {})  # the teachers beside model.teacher, by name
         self.terms = list(terms or [])
         self.optimizer_factory = optimizer
         self.lr_schedule, self.poly_power, self.warmup_steps = lr_schedule, poly_power, warmup_steps
         self.guard = NonFiniteGuard(on_non_finite)
         self.speed = SpeedSwitches(channels_last, compile_student)
-        if self.terms and teacher is None:
+        if self.terms and not self.all_teachers():
             raise ValueError("model.terms are set but model.teacher is not: distillation needs a teacher")
         if teacher_cache is not None and not self.terms:
             raise ValueError("model.teacher_cache caches the teacher's tensors of the terms: set model.terms too")
         self.teacher_cache = teacher_cache
         check_class_counts(task, student)
-        self.teacher_fingerprint = None if teacher is None else teachers.prepare_teacher(teacher, teacher_checkpoint)
+        checkpoints = {
+            **({"teacher": teacher_checkpoint} if teacher is not None else {}),
+            **(teacher_checkpoints or {}),
+        }
+        self.teacher_fingerprints = prepare_teachers(self.all_teachers(), checkpoints)
+        self.teacher_fingerprint = combined_fingerprint(self.teacher_fingerprints)
 
         self.distiller: Distiller | None = None
-        self.live_teacher: teachers.LiveTeacher | None = None
+        self.live_teachers: dict[str, LiveTeacher] = {}
         if self.terms:
-            self.distiller = Distiller(self.terms, student, teacher).build(task, student, teacher)
-            self.live_teacher = teachers.LiveTeacher(teacher, task, self.distiller.teacher_recorder)
-        # where the training steps' teacher tensors come from (the cache once it is open); validation: live
-        self.training_teacher: teachers.LiveTeacher | teachers.CachedTeacher | None = self.live_teacher
+            models = self.all_teachers()
+            self.distiller = Distiller(self.terms, student, models).build(task, student, models)
+            recorders = self.distiller.teacher_recorders
+            self.live_teachers = {
+                name: LiveTeacher(models[name], task, recorder) for name, recorder in recorders.items()
+            }
+        # where a step's teacher tensors come from: live, or (training steps, once it is open) the cache
+        self.live_outputs = TeacherOutputs(list(self.live_teachers.values()))
+        self.training_outputs = self.live_outputs
         self.automatic_optimization = self.distiller is None or not self.distiller.auxiliary_pairs()
 
-    # ---------------------------------------------------------------- teacher stays frozen
+    # ---------------------------------------------------------------- teachers stay frozen
+    def all_teachers(self) -> dict[str, nn.Module]:
+        """The run's teachers by name: ``teacher`` (``model.teacher``) and those of ``model.teachers``."""
+        return {**({"teacher": self.teacher} if self.teacher is not None else {}), **self.teachers}
+
     def train(self, mode: bool = True) -> DistillationModule:
         super().train(mode)
-        if self.teacher is not None:
-            self.teacher.eval()
+        for teacher in self.all_teachers().values():
+            teacher.eval()
         return self
 
     # ---------------------------------------------------------------- steps
     def forward(self, inputs: Any) -> Any:
         return self.task.run(self.student, inputs)
 
-    def compute_losses(self, batch: Any, student_step: Any, teacher: Any = None, auxiliary: bool = False):
-        """Record the teacher's tensors (``teacher``: a teacher-output source, the live teacher by default)
-        and run ``student_step`` recorded: the task loss and its named parts, Σ weight·term, each term's
-        value and the auxiliary losses (when asked)."""
+    def compute_losses(self, batch: Any, student_step: Any, teachers: Any = None, auxiliary: bool = False):
+        """Record the teachers' tensors (``teachers``: a ``TeacherOutputs``, the live teachers by default) and
+        run ``student_step`` recorded: the task loss and its named parts, Σ weight·term, each term's value and
+        the auxiliary losses (when asked)."""
         batch = self.speed.inputs(batch)
         if self.distiller is None:
             task_loss, parts = student_step(self.student, batch)
             return task_loss, parts, torch.zeros((), device=self.device), {}, {}
-        batch = (teacher or self.live_teacher).record(batch)
+        batch = (teachers or self.live_outputs).record(batch)
         with self.distiller.recording(teacher=False):
             task_loss, parts = student_step(self.student, batch)
         context = StepContext(self.task.dense_labels(batch), self.task.ignore_index, self.global_step)
@@ -104,7 +131,7 @@ class DistillationModule(L.LightningModule):
         statistics = self._statistics() if self.guard.skips else []
         saved = [buffer.clone() for buffer in statistics]
         task_loss, parts, distill_total, values, auxiliary = self.compute_losses(
-            batch, self.task.training_loss, self.training_teacher, auxiliary=not self.automatic_optimization
+            batch, self.task.training_loss, self.training_outputs, auxiliary=not self.automatic_optimization
         )
         loss = task_loss + distill_total
         batch_size = self.task.batch_size(batch)
@@ -199,33 +226,25 @@ class DistillationModule(L.LightningModule):
     # ---------------------------------------------------------------- checkpoints without the teacher
     def on_save_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.check_state(self.trained_tensors(), self.global_step, "before writing a checkpoint")
-        teachers.strip_from_checkpoint(checkpoint, self.teacher_fingerprint)
+        strip_from_checkpoint(checkpoint, self.teacher_fingerprints)
         checkpoint.update(self.guard.state_dict())
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.load_state_dict(checkpoint)
-        teachers.restore_into_checkpoint(checkpoint, self.teacher, self.teacher_fingerprint)
+        restore_into_checkpoint(checkpoint, self.all_teachers(), self.teacher_fingerprints)
 
     # ---------------------------------------------------------------- speed switches, teacher cache
     def configure_model(self) -> None:
         """Lightning calls this once the module is on its device, before fit and validate."""
-        self.speed.apply(self.student, self.teacher)
+        self.speed.apply(self.student, list(self.all_teachers().values()))
 
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.teacher_cache is not None:
-            data = self.trainer.datamodule
-            if not hasattr(data, "use_teacher_views"):
-                raise ValueError(f"model.teacher_cache needs a data module that serves fixed augmented views "
-                                 f"(SegmentationDataModule); {type(data).__name__} does not")  # fmt: skip
-            data.use_teacher_views(self.teacher_cache.views)
+            serve_cache_views(self.teacher_cache, self.trainer.datamodule)
 
     def on_fit_start(self) -> None:
         self.guard.check_distributed(self.trainer.world_size)
-        if self.teacher_cache is None:
-            return
-        cache = open_cache(self.teacher_cache, self.live_teacher, self.teacher_fingerprint, self.trainer, self.device)
-        self.training_teacher = teachers.CachedTeacher(cache, self.distiller.teacher_recorder)
-        for logger in self.loggers:
-            logger.log_hyperparams({"teacher_cache/folder": str(cache.folder)})
-            logger.log_metrics({"teacher_cache/size_mib": cache.size_bytes / 2**20,
-                                "teacher_cache/fill_seconds": cache.recorded_fill_seconds()}, step=0)  # fmt: skip
+        if self.teacher_cache is not None:  # the training steps read each teacher's cache from now on
+            fingerprints, device = self.teacher_fingerprints, self.device
+            self.training_outputs = cached_teacher_outputs(self.teacher_cache, self.live_teachers, fingerprints,
+                                                           self.trainer, device)  # fmt: skip

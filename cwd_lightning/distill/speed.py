@@ -18,11 +18,10 @@ class SpeedSwitches:
         self.channels_last, self.compile_student = channels_last, compile_student
         self._applied: set[str] = set()
 
-    def apply(self, student: nn.Module, teacher: nn.Module | None) -> None:
+    def apply(self, student: nn.Module, teachers: list[nn.Module]) -> None:
         if self.channels_last and "channels_last" not in self._applied:
-            student.to(memory_format=torch.channels_last)
-            if teacher is not None:
-                teacher.to(memory_format=torch.channels_last)
+            for model in (student, *teachers):
+                model.to(memory_format=torch.channels_last)
             self._applied.add("channels_last")
         if self.compile_student and "compile" not in self._applied:
             student.compile(backend=self.compile_student)

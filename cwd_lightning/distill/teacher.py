@@ -4,6 +4,7 @@ a step's teacher tensors come from: the live teacher, or the teacher-output cach
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
@@ -11,22 +12,34 @@ import torch
 from torch import Tensor, nn
 
 from cwd_lightning.distill.recorder import ForwardRecorder
+from cwd_lightning.distill.terms import teacher_side
 from cwd_lightning.models.weights import load_weights, read_weights
 
 
-def prepare_teacher(teacher: nn.Module, checkpoint: str | None) -> str:
+def prepare_teacher(teacher: nn.Module, checkpoint: str | None, name: str = "teacher") -> str:
     """Load ``checkpoint`` into ``teacher`` (over whatever its builder loaded), freeze it and return its
     fingerprint. A teacher needs weights: a checkpoint, or a zoo builder's pretrained ones."""
-    if checkpoint is None and getattr(teacher, "pretrained_source", None) is None:  # set by models/zoo.py
+    if checkpoint is None and getattr(teacher, "pretrained_source", None) is None:  # set by the zoo builders
+        network, weights = ("model.teacher", "model.teacher_checkpoint") if name == "teacher" else (
+            f"model.teachers.{name}", f"model.teacher_checkpoints.{name}")  # fmt: skip
         raise ValueError(
-            "model.teacher is set but model.teacher_checkpoint is not: a teacher with random weights "
-            "teaches nothing (give a teacher run's .ckpt or a state_dict file, or build the teacher with "
-            "pretrained weights: cwd_lightning.models.torchvision_model / smp_pretrained)"
+            f"{network} is set but {weights} is not: a teacher with random weights teaches nothing (give a "
+            "teacher run's .ckpt or a state_dict file, or build the teacher with pretrained weights: "
+            "cwd_lightning.models.torchvision_model / smp_pretrained / huggingface_model / vit_features)"
         )
     if checkpoint is not None:
         load_weights(teacher, checkpoint)
     freeze(teacher)
     return fingerprint(teacher)
+
+
+def prepare_teachers(teachers: dict[str, nn.Module], checkpoints: dict[str, str | None]) -> dict[str, str]:
+    """``prepare_teacher`` for each of a run's teachers by name; their fingerprints."""
+    unknown = sorted(set(checkpoints) - set(teachers))
+    if unknown:
+        raise ValueError(f"model.teacher_checkpoints: {', '.join(unknown)} names no teacher of model.teachers "
+                         f"(teachers: {', '.join(teachers) or 'none'})")  # fmt: skip
+    return {name: prepare_teacher(model, checkpoints.get(name), name) for name, model in teachers.items()}
 
 
 def freeze(model: nn.Module) -> nn.Module:
@@ -55,29 +68,48 @@ def fingerprint_file(path: str | Path) -> str:
     return fingerprint_state(read_weights(path))
 
 
-def strip_from_checkpoint(checkpoint: dict, fingerprint: str | None, prefix: str = "teacher.") -> None:
-    """Student checkpoints hold no teacher weights (the teacher comes from its own file), only its
-    fingerprint, checked when the checkpoint is loaded."""
-    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(prefix)}
-    checkpoint["teacher_fingerprint"] = fingerprint
+def combined_fingerprint(fingerprints: dict[str, str]) -> str | None:
+    """The fingerprint of a run's teachers: the one teacher's own, or for several a sha256 over their names
+    and fingerprints (a changed teacher, added or removed one changes it)."""
+    if not fingerprints:
+        return None
+    if list(fingerprints) == ["teacher"]:
+        return fingerprints["teacher"]
+    return hashlib.sha256(json.dumps(fingerprints, sort_keys=True).encode()).hexdigest()
 
 
-def check_fingerprint(checkpoint: dict, expected: str | None) -> None:
-    """The configured teacher must be the one the checkpoint was trained with."""
-    saved = checkpoint.get("teacher_fingerprint")
-    if saved != expected:
-        raise ValueError(
-            "the teacher does not match the one this checkpoint was trained with: fingerprint "
-            f"{expected} now, {saved} in the checkpoint (check model.teacher_checkpoint)"
-        )
+#: the state_dict prefixes of the teachers in a DistillationModule: model.teacher and model.teachers.<name>
+TEACHER_PREFIXES = ("teacher.", "teachers.")
 
 
-def restore_into_checkpoint(checkpoint: dict, teacher: nn.Module | None, expected: str | None,
-                            prefix: str = "teacher.") -> None:  # fmt: skip
-    """Before a checkpoint is loaded: the configured teacher must be the one it was trained with (by
-    fingerprint), and its weights go back into the state_dict so the load stays strict."""
-    check_fingerprint(checkpoint, expected)
-    if teacher is not None:
+def strip_from_checkpoint(checkpoint: dict, fingerprints: dict[str, str]) -> None:
+    """Student checkpoints hold no teacher weights (each teacher comes from its own file), only their
+    fingerprints, checked when the checkpoint is loaded."""
+    checkpoint["state_dict"] = {k: v for k, v in checkpoint["state_dict"].items() if not k.startswith(TEACHER_PREFIXES)}
+    checkpoint["teacher_fingerprint"] = combined_fingerprint(fingerprints)
+    checkpoint["teacher_fingerprints"] = dict(fingerprints)
+
+
+def check_fingerprint(checkpoint: dict, fingerprints: dict[str, str]) -> None:
+    """The configured teachers must be the ones the checkpoint was trained with."""
+    expected, saved = combined_fingerprint(fingerprints), checkpoint.get("teacher_fingerprint")
+    if saved == expected:
+        return
+    before = checkpoint.get("teacher_fingerprints") or {}
+    changed = sorted(name for name in set(before) | set(fingerprints) if before.get(name) != fingerprints.get(name))
+    which = f" ({', '.join(teacher_side(name) for name in changed)})" if before else ""
+    raise ValueError(
+        f"the teacher does not match the one this checkpoint was trained with{which}: fingerprint "
+        f"{expected} now, {saved} in the checkpoint (check model.teacher_checkpoint / model.teacher_checkpoints)"
+    )
+
+
+def restore_into_checkpoint(checkpoint: dict, teachers: dict[str, nn.Module], fingerprints: dict[str, str]) -> None:
+    """Before a checkpoint is loaded: the configured teachers must be the ones it was trained with (by
+    fingerprint), and their weights go back into the state_dict so the load stays strict."""
+    check_fingerprint(checkpoint, fingerprints)
+    for name, teacher in teachers.items():
+        prefix = "teacher." if name == "teacher" else f"teachers.{name}."
         checkpoint["state_dict"].update({f"{prefix}{k}": v for k, v in teacher.state_dict().items()})
 
 
@@ -88,11 +120,9 @@ class LiveTeacher:
     def __init__(self, teacher: nn.Module, task: Any, recorder: ForwardRecorder) -> None:
         self.teacher, self.task, self.recorder = teacher, task, recorder
 
-    def record(self, batch: Any) -> Any:
-        """Record the teacher on ``batch``; returns the batch the student sees (the same)."""
+    def record(self, batch: Any) -> None:
         with torch.no_grad(), self.recorder:
             self.task.run(self.teacher, self.task.batch_inputs(batch), self.recorder.paths)
-        return batch
 
     def outputs(self, batch: Any) -> dict[str, list[Tensor]]:
         """The recorded tensors (every call of every tapped module), as a cache stores them; a module whose
@@ -108,13 +138,25 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """A step's teacher tensors read from the teacher-output cache, the teacher not run. The training batches
-    of a cached run end with each sample's ``[image, view]`` key (``data/sampling.py``), which this strips."""
+    """A step's teacher tensors read from the teacher-output cache, the teacher not run, by the ``[image, view]``
+    keys that end the training batches of a cached run (``data/sampling.py``)."""
 
     def __init__(self, cache: Any, recorder: ForwardRecorder) -> None:
         self.cache, self.recorder = cache, recorder
 
-    def record(self, batch: Any) -> Any:
-        batch, keys = batch[:-1], batch[-1]
+    def record(self, batch: Any) -> None:
+        keys = batch[-1]
         self.recorder.outputs = self.cache.lookup(keys, keys.device)
-        return batch
+
+
+class TeacherOutputs:
+    """Where a step's tensors of every teacher come from (each live or from its cache): ``record(batch)``
+    records them all and returns the batch the student sees (without the cache keys of a cached run)."""
+
+    def __init__(self, sources: list[LiveTeacher | CachedTeacher], cached: bool = False) -> None:
+        self.sources, self.cached = sources, cached
+
+    def record(self, batch: Any) -> Any:
+        for source in self.sources:
+            source.record(batch)
+        return batch[:-1] if self.cached else batch

@@ -30,6 +30,8 @@ import torch
 from torch import Tensor
 from tqdm import tqdm
 
+from cwd_lightning.distill.teacher import CachedTeacher, LiveTeacher, TeacherOutputs
+
 FORMAT = 1
 DTYPES = {"float16": np.float16, "float32": np.float32}
 _INDEX = "cache.json"
@@ -197,3 +199,33 @@ def open_cache(options: TeacherCacheOptions, live: Any, fingerprint: str, traine
         raise RuntimeError(f"the teacher cache {cache.folder} is incomplete after filling it")
     cache.open()
     return cache
+
+
+def cached_teacher_outputs(options: TeacherCacheOptions, live_teachers: dict[str, LiveTeacher],
+                           fingerprints: dict[str, str], trainer: Any, device: Any) -> TeacherOutputs:  # fmt: skip
+    """Each teacher's cache, on its own (``open_cache``: keyed by that teacher's fingerprint), as the source of
+    the training steps' teacher tensors; the caches' folders, size and fill time logged."""
+    caches = {name: open_cache(options, live, fingerprints[name], trainer, device)
+              for name, live in live_teachers.items()}  # fmt: skip
+    log_caches(trainer.loggers, caches)
+    sources = [CachedTeacher(cache, live_teachers[name].recorder) for name, cache in caches.items()]
+    return TeacherOutputs(sources, cached=True)
+
+
+def log_caches(loggers: list[Any], caches: dict[str, TeacherCache]) -> None:
+    """The caches' folders (config), their total size and fill time (``teacher_cache/*`` at step 0)."""
+    folders = {"teacher_cache/folder" + ("" if name == "teacher" else f"/{name}"): str(cache.folder)
+               for name, cache in caches.items()}  # fmt: skip
+    size = sum(cache.size_bytes for cache in caches.values()) / 2**20
+    fill = sum(cache.recorded_fill_seconds() for cache in caches.values())
+    for logger in loggers:
+        logger.log_hyperparams(folders)
+        logger.log_metrics({"teacher_cache/size_mib": size, "teacher_cache/fill_seconds": fill}, step=0)
+
+
+def serve_cache_views(options: TeacherCacheOptions, datamodule: Any) -> None:
+    """Have the training data serve the cache's fixed augmented views, each batch with its cache keys."""
+    if not hasattr(datamodule, "use_teacher_views"):
+        raise ValueError(f"model.teacher_cache needs a data module that serves fixed augmented views "
+                         f"(SegmentationDataModule); {type(datamodule).__name__} does not")  # fmt: skip
+    datamodule.use_teacher_views(options.views)

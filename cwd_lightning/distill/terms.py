@@ -32,6 +32,9 @@ class DistillTerm:
     detection head runs once per FPN level): an index, a list of indices, or ``all``; each chosen
     call is one more pair. Left unset, a module must run exactly once: distilling "the last call" of
     a repeated module silently is what this refuses.
+
+    ``from_teacher`` names the teacher whose paths these are: ``teacher`` (``model.teacher``) or a name of
+    ``model.teachers``.
     """
 
     name: str
@@ -42,6 +45,7 @@ class DistillTerm:
     connector: ConnectorKind | None = None
     resize: ResizeMode | None = None
     calls: Calls = None
+    from_teacher: str = "teacher"
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):
@@ -132,3 +136,8 @@ def select(output: Any, key: str | None, where: str) -> Tensor:
             f"{where}: output is a {type(output).__name__}, not a tensor; add a selector such as 'path/0' or 'path/key'"
         )
     return output
+
+
+def teacher_side(name: str) -> str:
+    """How errors name a teacher: ``teacher`` for ``model.teacher``, ``teacher 'vit'`` for ``model.teachers.vit``."""
+    return "teacher" if name == "teacher" else f"teacher {name!r}"

@@ -47,9 +47,9 @@ def huggingface_model(source: str, num_labels: int | None = None, pretrained: bo
         where = "the folder" if Path(source).is_dir() else "the Hugging Face hub repository"
         raise RuntimeError(
             f"could not load the transformers model from {where} {source!r} ({type(error).__name__}: "
-            f"{' '.join(str(error).split())[:300]}). A hub model is downloaded on first use: connect once, or fetch it elsewhere with "
-            f"`huggingface-cli download {source}` and copy the cache (~/.cache/huggingface), or give a "
-            "save_pretrained folder."
+            f"{' '.join(str(error).split())[:300]}). A hub model is downloaded on first use: connect once, or "
+            f"fetch it elsewhere with `huggingface-cli download {source}` and copy the cache (~/.cache/huggingface), "
+            "or give a save_pretrained folder."
         ) from error
     segmenter = HuggingFaceSegmenter(model)
     if pretrained:

@@ -15,15 +15,15 @@ from cwd_lightning.runs.record import RUN_ID_FILE
 from cwd_lightning.safe_load import load_weights_only
 
 
-def check_resume(folder: RunFolder, ckpt_path: str, teacher_fingerprint: str | None, trainer: Any) -> None:
-    """Refuse a damaged or foreign checkpoint, another teacher, a checkpoint of another run than the folder's,
+def check_resume(folder: RunFolder, ckpt_path: str, teacher_fingerprints: dict[str, str], trainer: Any) -> None:
+    """Refuse a damaged or foreign checkpoint, other teachers, a checkpoint of another run than the folder's,
     a finished run and a one-cycle schedule of another length; then drop the metrics rows logged after the
     checkpoint (the resumed run logs them again)."""
     others = folder.checkpoints(but=ckpt_path)
     way_out = f"; other checkpoints of this run: {', '.join(others)} (--ckpt_path <one>)" if others else ""
     try:
         checkpoint = load_weights_only(ckpt_path, "checkpoint to resume from")
-        check_fingerprint(checkpoint, teacher_fingerprint)
+        check_fingerprint(checkpoint, teacher_fingerprints)
     except ValueError as error:
         raise RunError(f"{error}{way_out}. Nothing in {folder.path} was changed.") from None
     step, max_steps = int(checkpoint.get("global_step", 0)), trainer.max_steps

@@ -12,7 +12,7 @@ NAMING_KEYS = ("seed_everything", "experiment", "runs_root", "group", "ckpt_path
 #: trainer keys that change where a run writes or what it prints, not what it computes
 TRAINER_NAMING_KEYS = ("default_root_dir", "enable_progress_bar")
 #: model keys that make up a run's distillation: all that a row of a comparison may change
-DISTILLATION_KEYS = ("terms", "teacher", "teacher_checkpoint", "teacher_cache")
+DISTILLATION_KEYS = ("terms", "teacher", "teacher_checkpoint", "teachers", "teacher_checkpoints", "teacher_cache")
 
 
 def run_identity(config: dict[str, Any]) -> dict[str, Any]:
@@ -37,13 +37,14 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
 
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
-    """``{"a": {"b": 1}}`` → ``{"a.b": 1}`` (lists are values)."""
-    if isinstance(value, dict):
-        flat: dict[str, Any] = {}
-        for key, item in value.items():
-            flat.update(flatten(item, f"{prefix}{key}."))
-        return flat
-    return {prefix.rstrip("."): value}
+    """``{"a": {"b": 1}, "c": [{"d": 2}]}`` → ``{"a.b": 1, "c.0.d": 2}`` (an empty dict or list is a value)."""
+    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    if not items:
+        return {prefix.rstrip("."): value}
+    flat: dict[str, Any] = {}
+    for key, item in items:
+        flat.update(flatten(item, f"{prefix}{key}."))
+    return flat
 
 
 def differing_keys(first: dict[str, Any], second: dict[str, Any]) -> list[str]:

@@ -16,7 +16,7 @@ import torch
 import yaml
 
 from cwd_lightning.analysis.runs import load_run
-from cwd_lightning.distill.teacher import fingerprint_file
+from cwd_lightning.distill.teacher import combined_fingerprint, fingerprint_file
 from cwd_lightning.runs.identity import identity_digest
 from cwd_lightning.runs.provenance import commit, hardware
 from cwd_lightning.safe_load import load_weights_only
@@ -43,9 +43,15 @@ def resolved_config(row: Row, table: Table, experiments: Path) -> dict:
 
 
 def teacher_fingerprint(resolved: dict) -> str | None:
-    """The fingerprint of the teacher a resolved config names (as the run will compute it), or None."""
-    checkpoint = (resolved.get("model") or {}).get("teacher_checkpoint")
-    return fingerprint_file(checkpoint) if checkpoint and Path(checkpoint).is_file() else None
+    """The fingerprint of the teachers a resolved config names (as the run will compute it), or None when one
+    of them has no checkpoint file to read it from."""
+    model = resolved.get("model") or {}
+    checkpoints = {"teacher": model.get("teacher_checkpoint")} if model.get("teacher") else {}
+    others = model.get("teacher_checkpoints") or {}
+    checkpoints.update({name: others.get(name) for name in model.get("teachers") or {}})
+    if not checkpoints or not all(path and Path(path).is_file() for path in checkpoints.values()):
+        return None
+    return combined_fingerprint({name: fingerprint_file(path) for name, path in checkpoints.items()})
 
 
 def _environment(threads: int | None) -> dict[str, str]:

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import io
+import json
 from pathlib import Path
 
 import pytest
@@ -85,11 +86,18 @@ def test_every_experiment_builds_offline(config, tmp_path, monkeypatch):
         teacher = build(without_pretrained(model["teacher"]))
         torch.save(teacher.state_dict(), tmp_path / "teacher.pt")
         args += ["--model.teacher_checkpoint", str(tmp_path / "teacher.pt"), *_offline("teacher", model["teacher"])]
+    if model.get("teachers"):  # the teachers beside model.teacher: without pretrained weights, a file each
+        specs = {name: without_pretrained(spec) for name, spec in model["teachers"].items()}
+        for name, spec in specs.items():
+            torch.save(build(spec).state_dict(), tmp_path / f"{name}.pt")
+        files = {name: str(tmp_path / f"{name}.pt") for name in specs}
+        args += ["--model.teachers", json.dumps(specs), "--model.teacher_checkpoints", json.dumps(files)]
     cli = DistillCLI(args=args, run=False)
     terms = model.get("terms") or []
     built = [] if cli.model.distiller is None else list(cli.model.distiller.iter_pairs())
     assert sorted({pair.term_name for pair in built}) == sorted(term["name"] for term in terms)
     assert (cli.model.teacher is None) == (not model.get("teacher"))
+    assert sorted(cli.model.teachers) == sorted(model.get("teachers") or {})
 
 
 def test_a_network_a_checkpoint_replaces_is_built_without_downloading_its_pretrained_weights(tmp_path, monkeypatch):

@@ -101,7 +101,7 @@ def test_a_module_called_per_level_is_distilled_on_the_named_calls(pyramid_teach
         module.student(images)
         module.teacher(images)
         recorded_student = module.distiller.student_recorder.calls("shared")
-        recorded_teacher = module.distiller.teacher_recorder.calls("shared")
+        recorded_teacher = module.distiller.teacher_recorders["teacher"].calls("shared")
         total, values, _ = module.distiller.compute(StepContext())
     assert recorded_student[2].shape[-1] == 8  # the third call runs on the 4×-pooled level
     for pair, call in zip(pairs, (0, 2), strict=True):

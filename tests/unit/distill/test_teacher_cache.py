@@ -26,15 +26,17 @@ def _fit(teacher_file, data_root, cache_dir, steps=3, dtype="float32", views=2):
 
 def _cache(module):
     """The cache the module's training steps read (a cached run's teacher-output source)."""
-    assert isinstance(module.training_teacher, CachedTeacher)
-    return module.training_teacher.cache
+    assert module.training_outputs.cached
+    (source,) = module.training_outputs.sources
+    assert isinstance(source, CachedTeacher)
+    return source.cache
 
 
 def _live_and_cached(module, data, batches=3):
     """For training batches (images, masks, keys): the live teacher's tensors and the cache's."""
     pairs = []
     for batch, _ in zip(data.train_dataloader(), range(batches), strict=False):
-        live = module.live_teacher.outputs(batch[:2])
+        live = module.live_teachers["teacher"].outputs(batch[:2])
         cached = _cache(module).lookup(batch[2], torch.device("cpu"))
         pairs.append((live, cached, batch[2]))
     return pairs
@@ -51,7 +53,7 @@ def test_cached_targets_equal_the_live_teacher_on_the_same_views(teacher_file, t
         loader.sampler.set_epoch(epoch)
         for batch, _ in zip(loader, range(2), strict=False):
             assert set(batch[2][:, 1].tolist()) == {epoch % 2}
-            live = module.live_teacher.outputs(batch[:2])["segmentation_head"][0]
+            live = module.live_teachers["teacher"].outputs(batch[:2])["segmentation_head"][0]
             cached = cache.lookup(batch[2], torch.device("cpu"))["segmentation_head"][0]
             assert torch.equal(live, cached)  # float32: bit for bit
 
