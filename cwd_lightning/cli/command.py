@@ -53,6 +53,7 @@ class DistillCLI(LightningCLI):
             # model.optimizer is the one route: a top-level --optimizer/--lr_scheduler is refused by the
             # parser instead of silently replacing the module's optimiser and schedule
             auto_configure_optimizers=False,
+            parser_kwargs={"prog": "python -m cwd_lightning"},  # not "__main__.py" in usage and errors
             args=args,
             run=run,
         )
@@ -85,12 +86,15 @@ class DistillCLI(LightningCLI):
     def instantiate_classes(self) -> None:
         """As LightningCLI, but a network whose weights a checkpoint will replace is built without its
         pretrained weights (no download just to overwrite them, so such runs rebuild offline): the teacher
-        when ``teacher_checkpoint`` is set, the student when a checkpoint is restored (resume, validate)."""
+        when ``teacher_checkpoint`` is set (each of ``teachers`` with its ``teacher_checkpoints`` entry), the
+        student when a checkpoint is restored (resume, validate)."""
         config = self._command()
-        sides = [side for side, replaced in (("teacher", config["model"].get("teacher_checkpoint")),
-                                             ("student", config.get("ckpt_path"))) if replaced]  # fmt: skip
+        model, others = config["model"], config["model"].get("teacher_checkpoints") or {}
+        replaced = [model.get("teacher") if model.get("teacher_checkpoint") else None,
+                    model.get("student") if config.get("ckpt_path") else None,
+                    *[spec for name, spec in (model.get("teachers") or {}).items() if others.get(name)]]  # fmt: skip
         try:
-            with built_without_pretrained(config["model"], sides):
+            with built_without_pretrained(replaced):
                 super().instantiate_classes()
         except (ValueError, FileNotFoundError) as error:  # a bad setting or a missing file: one line, no traceback
             if os.environ.get("CWD_LIGHTNING_TRACEBACK"):

@@ -119,20 +119,21 @@ def split_path(path: str) -> tuple[str, str | None]:
 
 
 def select(output: Any, key: str | None, where: str) -> Tensor:
-    """Pick the tensor a path points at from a module output (tensor, tuple/list or dict)."""
+    """Pick the tensor a path points at from a module output (tensor, tuple/list or dict); a selector that does
+    not fit the output is a config error (ValueError, one line from the CLI)."""
     if key is not None:
         if isinstance(output, dict):
             if key not in output:
-                raise KeyError(f"{where}: output has keys {list(output)}, not {key!r}")
+                raise ValueError(f"{where}: output has keys {list(output)}, not {key!r}")
             output = output[key]
         elif isinstance(output, list | tuple):
             if not key.lstrip("-").isdigit() or not -len(output) <= int(key) < len(output):
-                raise KeyError(f"{where}: output is a sequence of {len(output)}, not indexable by {key!r}")
+                raise ValueError(f"{where}: output is a sequence of {len(output)}, not indexable by {key!r}")
             output = output[int(key)]
         else:
-            raise KeyError(f"{where}: output is a {type(output).__name__}, it cannot be indexed by {key!r}")
+            raise ValueError(f"{where}: output is a {type(output).__name__}, it cannot be indexed by {key!r}")
     if not isinstance(output, Tensor):
-        raise TypeError(
+        raise ValueError(
             f"{where}: output is a {type(output).__name__}, not a tensor; add a selector such as 'path/0' or 'path/key'"
         )
     return output

@@ -24,17 +24,17 @@ def without_pretrained(spec: dict[str, Any]) -> dict[str, Any]:
 
 
 @contextmanager
-def built_without_pretrained(model_config: Any, sides: list[str]) -> Iterator[None]:
-    """Inside the block, the pretrained-weights arguments of ``model_config[side]`` (a parsed ``model``
-    section; ``side`` = ``teacher`` or ``student``) are None, so those networks are built without fetching
-    weights that a checkpoint will replace; afterwards the config holds the values as written (the saved
-    config keeps them)."""
+def built_without_pretrained(specs: list[Any]) -> Iterator[None]:
+    """Inside the block, the pretrained-weights arguments of the network ``specs`` (parsed ``{class_path,
+    init_args}`` values of a ``model`` section; None skipped) are None, so those networks are built without
+    fetching weights that a checkpoint will replace; afterwards the config holds the values as written (the
+    saved config keeps them)."""
     changed = [
-        (model_config[side]["init_args"], key, model_config[side]["init_args"][key])
-        for side in sides
-        if model_config.get(side) is not None and model_config[side].get("init_args") is not None
+        (spec["init_args"], key, spec["init_args"][key])
+        for spec in specs
+        if spec is not None and spec.get("init_args") is not None
         for key in PRETRAINED_ARGUMENTS
-        if model_config[side]["init_args"].get(key) is not None
+        if spec["init_args"].get(key) is not None
     ]
     for init_args, key, _ in changed:
         init_args[key] = None

@@ -38,7 +38,7 @@ def recipe(config: dict[str, Any]) -> dict[str, Any]:
 
 def flatten(value: Any, prefix: str = "") -> dict[str, Any]:
     """``{"a": {"b": 1}, "c": [{"d": 2}]}`` → ``{"a.b": 1, "c.0.d": 2}`` (an empty dict or list is a value)."""
-    items = value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ()
+    items = list(value.items() if isinstance(value, dict) else enumerate(value) if isinstance(value, list) else ())
     if not items:
         return {prefix.rstrip("."): value}
     flat: dict[str, Any] = {}

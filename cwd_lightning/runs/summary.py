@@ -19,10 +19,8 @@ def report_fit(trainer: L.Trainer, run_dir: Path) -> None:
     if isinstance(checkpoint, ModelCheckpoint):
         score = checkpoint.best_model_score
         best = f" ({checkpoint.monitor} = {float(score):.4f})" if score is not None else ""
-        lines += [
-            f"best checkpoint: {checkpoint.best_model_path}{best}",
-            f"last checkpoint: {(run_dir / 'last.ckpt').resolve()}",
-        ]
+        where = checkpoint.best_model_path or f"none yet (no validation of {checkpoint.monitor} ran)"
+        lines += [f"best checkpoint: {where}{best}", f"last checkpoint: {(run_dir / 'last.ckpt').resolve()}"]
     for logger in trainer.loggers:
         if isinstance(logger, WandbLogger):
             wandb_dir = logger.experiment.dir.removesuffix("/files")

@@ -4,8 +4,14 @@ A table file (``spec.py``) names rows (an experiment YAML plus optional CLI argu
 arguments every row shares (e.g. a shorter schedule). ``runner.py`` runs each (row, seed) as one ``fit``
 in its own process under ``runs/tables/<table>/<row>_seed<k>/`` and, when it finishes, writes a small
 result file ``results/<table>/<row>/seed<k>.json`` (best and last validation metric, wall and CPU time,
-hardware, commit, teacher fingerprint, digest of the resolved config; ``provenance.py``). Runs whose
+hardware, commit, teacher fingerprint, digest of the resolved config; ``runs/provenance.py``). Runs whose
 result exists for the same resolved config and teacher are skipped, so an interrupted sweep resumes and
 a table can be filled on several machines by committing the result files. ``markdown.py`` writes
 ``results/<table>_table.md`` (mean ± std over seeds, Δ vs the baseline row) and a W&B table.
 """
+
+from cwd_lightning.sweeps.markdown import write_markdown
+from cwd_lightning.sweeps.runner import current_result, run_table, teacher_fingerprint
+from cwd_lightning.sweeps.spec import Row, Table, check_same_recipe
+
+__all__ = ["Row", "Table", "check_same_recipe", "current_result", "run_table", "teacher_fingerprint", "write_markdown"]

@@ -18,7 +18,11 @@ def _from_environment(name: str, kind: type) -> list | None:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=description, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        prog="python -m cwd_lightning.sweeps",
+        description=description,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     parser.add_argument("table", help="a table file, e.g. experiments/tables/shapes.yaml")
     parser.add_argument("--experiments", default="experiments", help="folder of the experiment YAMLs")
     parser.add_argument("--runs_root", default="runs")

@@ -23,17 +23,6 @@ METHOD_FILES = [
 CITYSCAPES_FILES = sorted((REPO / "experiments" / "methods").glob("cityscapes_*.yaml"))
 
 
-@pytest.fixture(scope="module")
-def unet_teacher(tmp_path_factory) -> Path:
-    """A U-Net-R18 teacher (the `shapes` teacher network, random weights) as a state_dict file."""
-    from cwd_lightning.models import build_segmentation_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teachers") / "unet.pt"
-    torch.save(build_segmentation_model("Unet", "resnet18", 11, None).state_dict(), path)
-    return path
-
-
 def test_every_method_file_is_listed_in_a_table():
     listed = set()
     for table in (REPO / "experiments" / "tables").glob("*.yaml"):

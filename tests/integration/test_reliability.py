@@ -235,6 +235,14 @@ def _case_unknown_term_field(env):
     return [*env.fit(), "--model.terms.cwd_logits.wieght", "3"]
 
 
+def _case_selector_that_does_not_fit_the_output(env):
+    return [*env.fit(), "--model.terms.cwd_logits.student", "segmentation_head/0"]
+
+
+def _case_term_of_an_unknown_teacher(env):
+    return [*env.fit(), "--model.terms.cwd_logits.from_teacher", "vit"]
+
+
 def _case_negative_weight(env):
     return [*env.fit(), "--model.terms.cwd_logits.weight", "-1"]
 
@@ -357,6 +365,9 @@ CASES = [
     (_case_unknown_loss_argument_in_a_yaml, r"model\.terms: loss\.init_args\.tua: .*ChannelWiseDivergence has no "
                                             r"argument 'tua' \(did you mean 'tau'"),
     (_case_unknown_term_field, r"term 'cwd_logits' has no 'wieght' \(did you mean 'weight'"),
+    (_case_selector_that_does_not_fit_the_output, r"student 'segmentation_head/0': output is a Tensor, it cannot "
+                                                  r"be indexed by '0'"),
+    (_case_term_of_an_unknown_teacher, r"term 'cwd_logits': from_teacher 'vit' is not a teacher of this run"),
     (_case_negative_weight, r"distillation term 'cwd_logits': weight must be ≥ 0, got -1"),
     (_case_tau_zero, r"ChannelWiseDivergence: tau must be > 0, got 0"),
     (_case_bad_on_non_finite, r"on_non_finite"),

@@ -46,8 +46,7 @@ def test_every_subpackage_re_exports_its_public_names_and_the_yamls_use_them():
         if info.ispkg:
             package = importlib.import_module(f"cwd_lightning.{info.name}")
             assert package.__doc__, info.name
-            if info.name not in ("bench", "sweeps"):  # command-line tools: their entry is __main__
-                assert getattr(package, "__all__", None), f"cwd_lightning.{info.name} re-exports nothing"
+            assert getattr(package, "__all__", None), f"cwd_lightning.{info.name} re-exports nothing"
     paths = set()
     for path in (REPO / "experiments").rglob("*.yaml"):
         paths |= set(re.findall(r"class_path:\s*(cwd_lightning\.[\w.]+)", path.read_text()))
