@@ -5,12 +5,19 @@ mmsegmentation's ``*-d8`` segmentors (``EncoderDecoder`` with a ``ResNetV1c`` ba
 ``models/dilated.py``: only the key names differ. ``mmseg_to_dilated`` renames every key of such a model-zoo
 file (``{"meta", "state_dict"}`` with ``backbone.``, ``decode_head.`` and ``auxiliary_head.`` keys, from mmseg
 0.x or 1.x) or reports the ones it cannot map.
+
+mmdetection's RetinaNet (``ResNet``/``ResNeXt`` + ``FPN`` with ``add_extra_convs='on_input'`` + ``RetinaHead``) is
+torchvision's RetinaNet built in mmdet's layout (``build_detector`` with P6 from C5, no ReLU before P7 and mmdet's
+anchors): ``mmdet_retinanet_to_torchvision`` renames its keys and gives its sigmoid classifier, K channels per
+anchor, the background channel that the detectors here have in front of the K classes (labels 1 … K).
 """
 
 from __future__ import annotations
 
+import math
 import re
 
+import torch
 from torch import Tensor
 
 #: (mmseg key pattern, our key) for the dilated segmentors, tried in order; \\1 … are the pattern's groups
@@ -64,4 +71,57 @@ def mmseg_to_dilated(state: dict[str, Tensor], source: str) -> dict[str, Tensor]
             f"segmentors here (PSPNet-D8 / DeepLabV3-D8 on ResNet-V1c with an FCN auxiliary head): "
             f"{', '.join(unmapped[:8])}{more}"
         )
+    return renamed
+
+
+#: (mmdet key pattern, our key) for a RetinaNet with an FPN from C3 (``start_level=1``) and P6/P7 convs
+MMDET_RETINANET = [
+    (r"backbone\.((?:conv1|bn1)\..+)", r"backbone.body.\1"),
+    (r"backbone\.(layer\d\.\d+\.(?:conv\d|bn\d|downsample\.[01])\..+)", r"backbone.body.\1"),
+    (r"neck\.lateral_convs\.([012])\.conv\.(.+)", r"backbone.fpn.inner_blocks.\1.0.\2"),
+    (r"neck\.fpn_convs\.([012])\.conv\.(.+)", r"backbone.fpn.layer_blocks.\1.0.\2"),
+    (r"neck\.fpn_convs\.3\.conv\.(.+)", r"backbone.fpn.extra_blocks.p6.\1"),
+    (r"neck\.fpn_convs\.4\.conv\.(.+)", r"backbone.fpn.extra_blocks.p7.\1"),
+    (r"bbox_head\.cls_convs\.(\d)\.conv\.(.+)", r"head.classification_head.conv.\1.0.\2"),
+    (r"bbox_head\.reg_convs\.(\d)\.conv\.(.+)", r"head.regression_head.conv.\1.0.\2"),
+    (r"bbox_head\.retina_cls\.(.+)", r"head.classification_head.cls_logits.\1"),
+    (r"bbox_head\.retina_reg\.(.+)", r"head.regression_head.bbox_reg.\1"),
+]
+
+#: the background channel's bias: torchvision's prior for a class, so its score (0.01) stays below any threshold
+BACKGROUND_BIAS = -math.log((1 - 0.01) / 0.01)
+
+
+def is_mmdet_retinanet(state: dict[str, Tensor]) -> bool:
+    """An mmdetection RetinaNet's state_dict: a neck and a ``RetinaHead``."""
+    return any(k.startswith("neck.") for k in state) and "bbox_head.retina_cls.weight" in state
+
+
+def with_background_channel(weight: Tensor, bias: Tensor, anchors: int) -> tuple[Tensor, Tensor]:
+    """A classifier of ``anchors`` × K channels (anchor-major) as one of ``anchors`` × (K + 1): channel 0 of each
+    anchor a background that never fires (zero weights, ``BACKGROUND_BIAS``), channels 1 … K the classes."""
+    classes = weight.shape[0] // anchors
+    grouped_weight = weight.reshape(anchors, classes, *weight.shape[1:])
+    grouped_bias = bias.reshape(anchors, classes)
+    background_weight = torch.zeros_like(grouped_weight[:, :1])
+    background_bias = torch.full_like(grouped_bias[:, :1], BACKGROUND_BIAS)
+    return (torch.cat([background_weight, grouped_weight], 1).reshape(-1, *weight.shape[1:]),
+            torch.cat([background_bias, grouped_bias], 1).reshape(-1))  # fmt: skip
+
+
+def mmdet_retinanet_to_torchvision(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
+    """The state_dict of an mmdet RetinaNet in ``build_detector``'s key names, its classifier with the background
+    channel added; a key that no rule maps is an error that lists them all (``source`` names the file)."""
+    renamed, unmapped = rename(state, MMDET_RETINANET)
+    if unmapped:
+        more = f" … (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""
+        raise ValueError(
+            f"{source}: an mmdetection RetinaNet checkpoint with {len(unmapped)} key(s) that match no layer of "
+            f"build_detector's RetinaNet (ResNet/ResNeXt, FPN from C3 with P6/P7, RetinaHead): "
+            f"{', '.join(unmapped[:8])}{more}"
+        )
+    prefix, box = "head.classification_head.cls_logits.", "head.regression_head.bbox_reg.weight"
+    anchors = renamed[box].shape[0] // 4
+    renamed[f"{prefix}weight"], renamed[f"{prefix}bias"] = with_background_channel(
+        renamed[f"{prefix}weight"], renamed[f"{prefix}bias"], anchors)  # fmt: skip
     return renamed

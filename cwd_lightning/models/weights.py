@@ -7,7 +7,7 @@ from pathlib import Path
 
 from torch import Tensor, nn
 
-from cwd_lightning.models.importers import is_mmseg_state, mmseg_to_dilated
+from cwd_lightning.models import importers
 from cwd_lightning.safe_load import load_weights_only
 
 # A teacher run of this project trains its network as the "student" of a DistillationModule.
@@ -16,8 +16,14 @@ _LIGHTNING_PREFIX = "student."
 
 def read_weights(path: str | Path, what: str = "teacher checkpoint") -> dict[str, Tensor]:
     """Model weights from a Lightning ``.ckpt`` of a run of this project, a plain state_dict file, or an
-    mmsegmentation model-zoo file (converted to the dilated segmentors' key names: ``models/importers.py``);
-    ``what`` names the file in errors."""
+    OpenMMLab model-zoo file (converted: ``models/importers.py``); ``what`` names the file in errors."""
+    return read_checkpoint(path, what)[0]
+
+
+def read_checkpoint(path: str | Path, what: str = "teacher checkpoint") -> tuple[dict[str, Tensor], str]:
+    """``read_weights`` and where the weights came from: ``run`` (a ``.ckpt`` of this project), ``state_dict``,
+    ``mmsegmentation`` (a ``*-d8`` segmentor, in the dilated segmentors' names) or ``mmdetection`` (a RetinaNet,
+    in torchvision's names)."""
     path = Path(path)
     if not path.is_file():
         # unlike the YAML's includes (read from the including file's folder), checkpoint paths are read from
@@ -30,23 +36,39 @@ def read_weights(path: str | Path, what: str = "teacher checkpoint") -> dict[str
             else ""
         )
         raise FileNotFoundError(f"{what} {str(path)!r} not found{base}.{hint}")
-    payload = load_weights_only(path, what)
-    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):
-        state = payload["state_dict"]
-        if any(key.startswith(_LIGHTNING_PREFIX) for key in state):
-            state = {k[len(_LIGHTNING_PREFIX) :]: v for k, v in state.items() if k.startswith(_LIGHTNING_PREFIX)}
-        elif is_mmseg_state(state):
-            state = mmseg_to_dilated(state, f"{what} {str(path)!r}")
-        payload = state
+    payload, origin, source = load_weights_only(path, what), "state_dict", f"{what} {str(path)!r}"
+    if isinstance(payload, dict) and isinstance(payload.get("state_dict"), dict):  # {"meta", "state_dict", …}
+        payload = payload["state_dict"]
     if not isinstance(payload, dict) or not all(isinstance(v, Tensor) for v in payload.values()):
-        raise ValueError(f"{what} {str(path)!r} holds no state_dict of tensors")
-    return payload
+        raise ValueError(f"{source} holds no state_dict of tensors")
+    if any(key.startswith(_LIGHTNING_PREFIX) for key in payload):
+        prefix = len(_LIGHTNING_PREFIX)
+        payload, origin = {k[prefix:]: v for k, v in payload.items() if k.startswith(_LIGHTNING_PREFIX)}, "run"
+    elif importers.is_mmseg_state(payload):
+        payload, origin = importers.mmseg_to_dilated(payload, source), "mmsegmentation"
+    elif importers.is_mmdet_retinanet(payload):
+        payload, origin = importers.mmdet_retinanet_to_torchvision(payload, source), "mmdetection"
+    return payload, origin
 
 
 def load_weights(model: nn.Module, path: str | Path, side: str = "teacher") -> None:
     """Load ``path`` into ``model``; any missing, unexpected or mis-shaped key is an error that lists them."""
-    state = read_weights(path, f"{side} checkpoint")
+    state, origin = read_checkpoint(path, f"{side} checkpoint")
+    hint = ""
+    if origin == "mmdetection":
+        hint = ("an mmdetection RetinaNet file: give it to the builder instead (build_detector's checkpoint: "
+                "<file>, teacher_checkpoint: null), which builds mmdet's layout (P6 from C5, its anchors)")  # fmt: skip
+    load_state(model, state, f"{side} checkpoint {str(path)!r}", side, hint)
+
+
+def load_state(model: nn.Module, state: dict[str, Tensor], source: str, side: str = "teacher", hint: str = "") -> None:
+    """Load ``state`` into ``model`` strictly; any missing, unexpected or mis-shaped key is an error naming
+    ``source`` that lists them. BatchNorm batch counters are not compared (torchvision's frozen BatchNorm has
+    none; only ``momentum=None`` reads them)."""
     expected = model.state_dict()
+    counter = "num_batches_tracked"
+    state = {k: v for k, v in state.items() if not k.endswith(counter) or k in expected}
+    state |= {k: v for k, v in expected.items() if k.endswith(counter) and k not in state}
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
     mis_shaped = sorted(
@@ -55,7 +77,7 @@ def load_weights(model: nn.Module, path: str | Path, side: str = "teacher") -> N
         if state[key].shape != expected[key].shape
     )
     if missing or unexpected or mis_shaped:
-        parts = [f"{side} checkpoint {str(path)!r} does not match the configured {side} architecture"]
+        parts = [f"{source} does not match the configured {side} architecture" + (f" ({hint})" if hint else "")]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
             if keys:
                 more = f" … (+{len(keys) - 8} more)" if len(keys) > 8 else ""

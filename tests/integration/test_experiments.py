@@ -135,3 +135,36 @@ def test_cityscapes_cwd_runs_with_an_mmseg_teacher_file(tmp_path, monkeypatch):
     expected = seeded_state({"decode_head.conv_seg.weight": record["keys"]["decode_head.conv_seg.weight"]})
     assert torch.equal(cli.model.teacher.decode_head.classifier.weight, expected["decode_head.conv_seg.weight"])
     assert cli.model.teacher_fingerprint is not None
+
+
+def test_coco_retinanet_cwd_runs_with_an_mmdet_teacher_file(tmp_path, monkeypatch):
+    """The coco_retinanet_cwd_mmdet preset with an mmdet model-zoo file as its teacher (the R50 fixture's seeded
+    weights, standing in for the X101 file): built offline in mmdet's layout, the teacher converted, the probe run
+    over the five FPN levels."""
+    import json
+
+    from tests.helpers import seeded_state
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    record = json.loads((REPO / "tests" / "fixtures" / "openmmlab" / "mmdet_retinanet_r50_fpn.json").read_text())
+    teacher = tmp_path / "retinanet_r50_fpn_2x_coco.pth"
+    torch.save({"meta": {"mmdet_version": "3.3.0"}, "state_dict": seeded_state(record["keys"])}, teacher)
+    size = ["--model.task.init_args.example_size", DETECTION_SIZE]
+    for side in ("student", "teacher"):
+        size += [
+            f"--model.{side}.init_args.{key}" if i % 2 == 0 else DETECTION_SIZE
+            for key in ("min_size", "max_size")
+            for i in range(2)
+        ]
+    cli = DistillCLI(args=["--config", str(REPO / "experiments" / "coco_retinanet_cwd_mmdet.yaml"), "--runs_root",
+                           str(tmp_path / "runs"), "--model.teacher.init_args.backbone", "resnet50",
+                           "--model.teacher.init_args.checkpoint", str(teacher),
+                           "--model.student.init_args.backbone_weights", "null", *size, "--trainer.logger", "false"],
+                     run=False)  # fmt: skip
+    levels = ["0", "1", "2", "p6", "p7"]
+    assert [pair.teacher_path for pair in cli.model.distiller.pairs["cwd_fpn"]] == [f"backbone.fpn/{k}" for k in levels]
+    for side in (cli.model.teacher, cli.model.student):  # both in mmdet's layout: P6 from C5
+        assert side.backbone.fpn.extra_blocks.p6.in_channels == 2048
+    expected = seeded_state({"bbox_head.retina_reg.weight": record["keys"]["bbox_head.retina_reg.weight"]})
+    assert torch.equal(cli.model.teacher.head.regression_head.bbox_reg.weight, expected["bbox_head.retina_reg.weight"])
+    assert cli.model.teacher_fingerprint is not None
