@@ -1,11 +1,13 @@
 """Networks: segmentation (smp), detection (torchvision), the paper's dilated segmentors and their heads,
-ready-made models from the zoos, and the portable (exportable) form of a segmentation student."""
+ready-made models from the zoos (torchvision, smp, transformers, timm), and the portable (exportable) form of a
+segmentation student."""
 
 from cwd_lightning.models.detection import build_detector
 from cwd_lightning.models.dilated import DilatedSegmentor, build_dilated_segmentor
 from cwd_lightning.models.huggingface import HuggingFaceSegmenter, huggingface_model
 from cwd_lightning.models.portable import PortableSegmenter, portable_segmenter
 from cwd_lightning.models.segmentation import build_segmentation_model, main_logits
+from cwd_lightning.models.timm_features import TimmFeatureMaps, timm_features
 from cwd_lightning.models.vit import VitFeatureMaps, tokens_to_map, vit_features
 from cwd_lightning.models.zoo import smp_pretrained, torchvision_model
 
@@ -13,6 +15,7 @@ __all__ = [
     "DilatedSegmentor",
     "HuggingFaceSegmenter",
     "PortableSegmenter",
+    "TimmFeatureMaps",
     "VitFeatureMaps",
     "build_detector",
     "build_dilated_segmentor",
@@ -21,6 +24,7 @@ __all__ = [
     "main_logits",
     "portable_segmenter",
     "smp_pretrained",
+    "timm_features",
     "tokens_to_map",
     "torchvision_model",
     "vit_features",
