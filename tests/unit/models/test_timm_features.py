@@ -32,7 +32,8 @@ def test_a_cnn_gives_its_stages_with_the_weights_of_its_state_dict(tmp_path):
 
     state = {**whole.state_dict(), "layer5.0.conv1.weight": torch.zeros(1)}
     torch.save(state, tmp_path / "odd.pt")
-    with pytest.raises(ValueError, match=r"odd\.pt' does not match .*\n.*unexpected keys \(1\): layer5\.0\.conv1\.weight"):
+    refused = r"odd\.pt' does not match .*\n.*unexpected keys \(1\): layer5\.0\.conv1\.weight"
+    with pytest.raises(ValueError, match=refused):
         timm_features("resnet18", checkpoint=str(tmp_path / "odd.pt"))
 
 
