@@ -235,3 +235,38 @@ def test_a_huggingface_teacher_and_a_huggingface_student_distil_through_the_cli(
     for run in ("hf_teacher", "hf_student"):
         values = _column(_metrics(tmp_path / "runs" / run), "train/distill/cwd_logits")
         assert values and all(value > 0 for value in values)
+
+
+def _vit_file(path: Path, seed: int) -> Path:
+    """Seeded weights of the `shapes` ViT teacher network (common/shapes_vit_net.yaml) as a state_dict file."""
+    from cwd_lightning.analysis.runs import build
+
+    torch.manual_seed(seed)
+    spec = yaml.safe_load((REPO / "experiments" / "common" / "shapes_vit_net.yaml").read_text())
+    torch.save(build(spec).state_dict(), path)
+    return path
+
+
+def test_a_two_teacher_run_keeps_both_out_of_its_checkpoints_and_refuses_a_changed_second(unet_teacher, tiny_shapes,
+                                                                                           tmp_path):  # fmt: skip
+    runs = tmp_path / "runs"
+    fit = ["fit", "--config", str(REPO / "experiments" / "shapes_two_teachers.yaml"), "--runs_root", str(runs),
+           "--model.teacher_checkpoint", str(unet_teacher), "--model.lr_schedule", "poly",
+           "--model.teacher_checkpoints", json.dumps({"vit": str(_vit_file(tmp_path / "vit.pt", 0))}),
+           "--trainer.callbacks", "[]", *tiny_overrides(tiny_shapes, 2)]  # fmt: skip
+    result = run_cli(*fit, cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    run_dir = runs / "shapes_two_teachers"
+    checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
+    assert not any(key.startswith(("teacher.", "teachers.")) for key in checkpoint["state_dict"])
+    assert any(key.startswith("student.") for key in checkpoint["state_dict"])
+    assert sorted(checkpoint["teacher_fingerprints"]) == ["teacher", "vit"]
+    assert {"train/distill/cwd_logits", "train/distill/cosine_tokens"} <= set(_metrics(run_dir)[0])
+
+    before = {path.name: path.read_bytes() for path in run_dir.glob("*.ckpt")}
+    changed = json.dumps({"vit": str(_vit_file(tmp_path / "other_vit.pt", 1))})
+    resumed = run_cli("fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last", "--trainer.max_steps",
+                      "4", "--model.teacher_checkpoints", changed, cwd=tmp_path)  # fmt: skip
+    assert resumed.returncode == 2
+    assert "the teacher does not match the one this checkpoint was trained with (teacher 'vit')" in resumed.stderr
+    assert {path.name: path.read_bytes() for path in run_dir.glob("*.ckpt")} == before  # nothing saved was touched
