@@ -104,6 +104,16 @@ def mmseg_config(head: str, depth: int, classes: int = 19) -> dict:
     }
 
 
+def build_and_record(registry, config: dict, framework: str, stem: str):
+    """Build ``config`` with the framework's registry (eval mode) and write ``<stem>.json``: the framework, the
+    config and every key's shape. The model and the shapes."""
+    model = registry.build(config).eval()
+    shapes = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
+    record = {"framework": f"{framework} (mmengine 0.10.7, mmcv-lite 2.1.0)", "config": config, "keys": shapes}
+    (OUT / f"{stem}.json").write_text(json.dumps(record, indent=1) + "\n")
+    return model, shapes
+
+
 def write_mmseg(name: str, head: str, depth: int, outputs: bool) -> None:
     from mmseg.registry import MODELS
     from mmseg.utils import register_all_modules
@@ -111,11 +121,7 @@ def write_mmseg(name: str, head: str, depth: int, outputs: bool) -> None:
     from tests.helpers import fixture_input, seeded_state
 
     register_all_modules()
-    config = mmseg_config(head, depth)
-    model = MODELS.build(config).eval()
-    shapes = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
-    record = {"framework": "mmsegmentation 1.2.2 (mmengine 0.10.7, mmcv-lite 2.1.0)", "config": config, "keys": shapes}
-    (OUT / f"mmseg_{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    model, shapes = build_and_record(MODELS, mmseg_config(head, depth), "mmsegmentation 1.2.2", f"mmseg_{name}")
     if outputs:
         model.load_state_dict(seeded_state(shapes))
         with torch.no_grad():
@@ -174,11 +180,7 @@ def write_mmdet(name: str, depth: int, groups: int, outputs: bool) -> None:
     from tests.helpers import fixture_input, seeded_state
 
     register_all_modules()
-    config = mmdet_config(depth, groups)
-    model = MODELS.build(config).eval()
-    shapes = {key: list(tensor.shape) for key, tensor in model.state_dict().items()}
-    record = {"framework": "mmdetection 3.3.0 (mmengine 0.10.7, mmcv-lite 2.1.0)", "config": config, "keys": shapes}
-    (OUT / f"mmdet_{name}.json").write_text(json.dumps(record, indent=1) + "\n")
+    model, shapes = build_and_record(MODELS, mmdet_config(depth, groups), "mmdetection 3.3.0", f"mmdet_{name}")
     if outputs:
         model.load_state_dict(seeded_state(shapes))
         with torch.no_grad():

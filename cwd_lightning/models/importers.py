@@ -60,18 +60,21 @@ def rename(state: dict[str, Tensor], rules: list[tuple[str, str]]) -> tuple[dict
     return renamed, unmapped
 
 
+def renamed_fully(state: dict[str, Tensor], rules: list[tuple[str, str]], what: str, target: str) -> dict[str, Tensor]:
+    """``rename`` when every key maps; else an error naming the unmapped keys (the first 8 and how many more)."""
+    renamed, unmapped = rename(state, rules)
+    if unmapped:
+        more = f" … (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""
+        raise ValueError(f"{what} with {len(unmapped)} key(s) that match no layer of {target}: "
+                         f"{', '.join(unmapped[:8])}{more}")  # fmt: skip
+    return renamed
+
+
 def mmseg_to_dilated(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """The state_dict of an mmseg PSPNet-D8 / DeepLabV3-D8 (ResNet-V1c) in ``build_dilated_segmentor``'s key
     names; a key that no rule maps is an error that lists them all (``source`` names the file)."""
-    renamed, unmapped = rename(state, MMSEG_DILATED)
-    if unmapped:
-        more = f" … (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""
-        raise ValueError(
-            f"{source}: an mmsegmentation checkpoint with {len(unmapped)} key(s) that match no layer of the dilated "
-            f"segmentors here (PSPNet-D8 / DeepLabV3-D8 on ResNet-V1c with an FCN auxiliary head): "
-            f"{', '.join(unmapped[:8])}{more}"
-        )
-    return renamed
+    return renamed_fully(state, MMSEG_DILATED, f"{source}: an mmsegmentation checkpoint", "the dilated segmentors "
+                         "here (PSPNet-D8 / DeepLabV3-D8 on ResNet-V1c with an FCN auxiliary head)")  # fmt: skip
 
 
 #: (mmdet key pattern, our key) for a RetinaNet with an FPN from C3 (``start_level=1``) and P6/P7 convs
@@ -112,14 +115,8 @@ def with_background_channel(weight: Tensor, bias: Tensor, anchors: int) -> tuple
 def mmdet_retinanet_to_torchvision(state: dict[str, Tensor], source: str) -> dict[str, Tensor]:
     """The state_dict of an mmdet RetinaNet in ``build_detector``'s key names, its classifier with the background
     channel added; a key that no rule maps is an error that lists them all (``source`` names the file)."""
-    renamed, unmapped = rename(state, MMDET_RETINANET)
-    if unmapped:
-        more = f" … (+{len(unmapped) - 8} more)" if len(unmapped) > 8 else ""
-        raise ValueError(
-            f"{source}: an mmdetection RetinaNet checkpoint with {len(unmapped)} key(s) that match no layer of "
-            f"build_detector's RetinaNet (ResNet/ResNeXt, FPN from C3 with P6/P7, RetinaHead): "
-            f"{', '.join(unmapped[:8])}{more}"
-        )
+    target = "build_detector's RetinaNet (ResNet/ResNeXt, FPN from C3 with P6/P7, RetinaHead)"
+    renamed = renamed_fully(state, MMDET_RETINANET, f"{source}: an mmdetection RetinaNet checkpoint", target)
     prefix, box = "head.classification_head.cls_logits.", "head.regression_head.bbox_reg.weight"
     anchors = renamed[box].shape[0] // 4
     renamed[f"{prefix}weight"], renamed[f"{prefix}bias"] = with_background_channel(

@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cwd_lightning.models.vit import VitFeatureMaps, vit_features
+from cwd_lightning.models.vit import VitFeatureMaps, timm_weights_error, vit_features
 from cwd_lightning.models.weights import load_state, read_weights
 
 
@@ -51,12 +51,7 @@ def timm_features(
     except Exception as error:
         if not pretrained:
             raise
-        raise RuntimeError(
-            f"could not load timm's pretrained weights for {name!r} ({type(error).__name__}: {error}). They are "
-            f"downloaded from the Hugging Face hub on first use: connect once, or fetch them elsewhere with "
-            f"`huggingface-cli download timm/{name}` and copy the cache (~/.cache/huggingface), or give a "
-            "state_dict file as checkpoint."
-        ) from error
+        raise timm_weights_error(name, error) from error
     if checkpoint is not None:  # a state_dict of the whole model: its classifier is not part of the features
         classifier = (probe.pretrained_cfg or {}).get("classifier") or "fc"
         heads = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))

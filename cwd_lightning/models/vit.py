@@ -79,6 +79,16 @@ class VitFeatureMaps(nn.Module):
         return maps
 
 
+def timm_weights_error(name: str, error: Exception) -> RuntimeError:
+    """What to do when timm's pretrained weights for ``name`` could not be loaded (offline, most often)."""
+    return RuntimeError(
+        f"could not load timm's pretrained weights for {name!r} ({type(error).__name__}: {error}). They are "
+        f"downloaded from the Hugging Face hub on first use: connect once, or fetch them elsewhere with "
+        f"`huggingface-cli download timm/{name}` and copy the cache (~/.cache/huggingface), or give a "
+        "state_dict file as checkpoint."
+    )
+
+
 def vit_features(
     name: str,
     blocks: Sequence[int] = (),
@@ -101,12 +111,7 @@ def vit_features(
     except Exception as error:
         if not pretrained:
             raise
-        raise RuntimeError(
-            f"could not load timm's pretrained weights for {name!r} ({type(error).__name__}: {error}). They are "
-            f"downloaded from the Hugging Face hub on first use: connect once, or fetch them elsewhere with "
-            f"`huggingface-cli download timm/{name}` and copy the cache (~/.cache/huggingface), or give a "
-            "state_dict file as checkpoint."
-        ) from error
+        raise timm_weights_error(name, error) from error
     if checkpoint is not None:
         load_weights(vit, Path(checkpoint), side="teacher")
     model = VitFeatureMaps(vit, blocks, pad, num_classes)
