@@ -15,9 +15,11 @@ from cwd_lightning.losses.mgd import MaskedGenerativeDistillation
 from cwd_lightning.losses.nfd import NormalizedFeatureDistillation
 from cwd_lightning.losses.pairwise_affinity import PairwiseAffinity
 from cwd_lightning.losses.pixel_kd import PixelWiseKD
+from cwd_lightning.losses.pkd import PKD
 
 __all__ = [
     "DIST",
+    "PKD",
     "AttentionTransfer",
     "ChannelMeanMSE",
     "ChannelWiseDivergence",

@@ -16,15 +16,17 @@ class AttentionTransfer(DistillationLoss):
     a(F) = vec(mean_c |F|^p) / max(‖vec(mean_c |F|^p)‖₂, 1e-12): one unit vector of length H·W per
     sample. The loss is the mean over N·H·W of (a_S − a_T)² (the code form; the paper's form is the
     unsquared norm of the difference averaged over N). |F| makes odd p well defined; for p = 2 it is
-    F². The channel axis is pooled, so student and teacher may have different C. Each a has unit
+    F². p < 1 is refused: the gradient of |F|^p is infinite at an exact zero, which ReLU features are, and
+    turns into NaN. The channel axis is pooled, so student and teacher may have different C. Each a has unit
     norm, so the value is O(1/(H·W)) and the reference weights are about 1e4. Computed in fp32; the
     teacher side is detached.
     """
 
     def __init__(self, p: float = 2.0) -> None:
         super().__init__()
-        if p <= 0:
-            raise ValueError(f"AttentionTransfer: p must be > 0, got {p}")
+        if p < 1:
+            raise ValueError(f"AttentionTransfer: p must be ≥ 1 (the gradient of |F|^p is infinite at F = 0 for "
+                             f"p < 1, and ReLU features are often exactly 0), got {p}")  # fmt: skip
         self.p = float(p)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:

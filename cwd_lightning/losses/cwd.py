@@ -13,6 +13,8 @@ from cwd_lightning.losses.maps import check_maps, full_precision
 
 Normalize = Literal["channel", "spatial"]
 Divergence = Literal["kl", "symmetric_kl", "mse"]
+#: added to the std of logit standardisation, as in its authors' code
+STANDARDIZE_EPSILON = 1e-7
 
 
 class ChannelWiseDivergence(DistillationLoss):
@@ -30,9 +32,19 @@ class ChannelWiseDivergence(DistillationLoss):
     - ``divergence="symmetric_kl"``: KL(T‖S) + KL(S‖T) (no reference implementation has it; this
       definition is ours). ``"mse"``: Σ (p_S − p_T)² per distribution, no τ² (the authors force τ = 1
       on this path; here τ still divides the logits). Its values are tiny (p ~ 1/(H·W)).
+    - ``standardize=True``: logit standardisation (Sun et al., "Logit Standardization in Knowledge
+      Distillation", CVPR 2024): each distribution's logits are z-scored, (y − mean) / (std + 1e-7) with the
+      unbiased std over the softmax's axis, before they are divided by τ, so the student matches the
+      teacher's pattern and not its logit scale.
     """
 
-    def __init__(self, tau: float = 1.0, normalize: Normalize = "channel", divergence: Divergence = "kl") -> None:
+    def __init__(
+        self,
+        tau: float = 1.0,
+        normalize: Normalize = "channel",
+        divergence: Divergence = "kl",
+        standardize: bool = False,
+    ) -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"ChannelWiseDivergence: tau must be > 0, got {tau}")
@@ -45,6 +57,7 @@ class ChannelWiseDivergence(DistillationLoss):
         self.tau = float(tau)
         self.normalize = normalize
         self.divergence = divergence
+        self.standardize = bool(standardize)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         check_maps(type(self).__name__, student, teacher)
@@ -78,10 +91,15 @@ class ChannelWiseDivergence(DistillationLoss):
         return ChannelWiseDivergence(self.tau).divergence_per_distribution(student, teacher)
 
     def _log_distributions(self, maps: Tensor) -> Tensor:
-        flat = maps.flatten(2) / self.tau  # N×C×HW
+        flat = maps.flatten(2)  # N×C×HW
         if self.normalize == "spatial":
             flat = flat.transpose(1, 2)  # N×HW×C: one distribution over channels per position
-        return F.log_softmax(flat, dim=-1)
+        if self.standardize:
+            flat = (flat - flat.mean(-1, keepdim=True)) / (flat.std(-1, keepdim=True) + STANDARDIZE_EPSILON)
+        return F.log_softmax(flat / self.tau, dim=-1)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}, normalize={self.normalize!r}, divergence={self.divergence!r}"
+        return (
+            f"tau={self.tau}, normalize={self.normalize!r}, divergence={self.divergence!r}, "
+            f"standardize={self.standardize}"
+        )

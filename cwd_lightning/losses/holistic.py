@@ -10,6 +10,7 @@ from typing import Literal
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.func import functional_call
 from torch.nn.utils.parametrizations import spectral_norm
 
 from cwd_lightning.losses.base import DistillationLoss
@@ -59,6 +60,14 @@ class Discriminator(nn.Module):
         return self.last(self.body(self.preprocess(x)))
 
 
+def without_moving_state(module: nn.Module, inputs: Tensor) -> Tensor:
+    """``module(inputs)`` as it runs in training (batch statistics), on copies of its buffers, so that its
+    BatchNorm running statistics and spectral-norm vectors are left as they were (restoring them in place
+    instead would break the backward pass, which reads them)."""
+    buffers = {name: buffer.clone() for name, buffer in module.named_buffers()}
+    return functional_call(module, buffers, (inputs,))
+
+
 class HolisticAdversarial(DistillationLoss):
     """The student's score map should look like the teacher's to a discriminator D.
 
@@ -69,6 +78,11 @@ class HolisticAdversarial(DistillationLoss):
     - ``hinge`` (CIRKD): λ_d·(E ReLU(1 − D(T)) + E ReLU(1 + D(S))).
     Each E is the mean over D's output map. D is trained by Adam(lr 4e-4, betas 0.9/0.99), one step
     after each student step, constant lr (CIRKD; TorchDistiller also poly-decays it).
+
+    Deviation from the references: they run D in train mode during the student's forward too, so every
+    student step also moves D's BatchNorm running statistics and its spectral-norm vectors (one extra
+    power iteration), a known way to distort a WGAN-GP critic. Here the student's step sees D with batch
+    statistics as in training, but D's state is put back after it: only D's own update moves it.
     """
 
     def __init__(
@@ -110,7 +124,7 @@ class HolisticAdversarial(DistillationLoss):
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         discriminator = self._check(student, teacher)
         with full_precision(student):
-            return -discriminator(student.float()).mean()
+            return -without_moving_state(discriminator, student.float()).mean()
 
     def auxiliary_loss(self, student: Tensor, teacher: Tensor) -> Tensor:
         discriminator = self._check(student, teacher)

@@ -26,9 +26,10 @@ class IntraClassFeatureVariation(DistillationLoss):
     both networks), so its loss is diluted by the ignore fraction; here they are left out.
 
     Classes are 0..K−1 with K = ``num_classes`` if given, else the largest valid label + 1; any other
-    label except ``ignore_index`` is an error. Labels must already be at the maps' H×W (the engine
-    nearest-resizes them). Student and teacher may have different C. One N×K×(H·W) one-hot matrix
-    and ``bmm`` replace the reference's loop over classes. Computed in fp32; the teacher is detached.
+    label except ``ignore_index`` is an error (``ignore_index: None``: every pixel is labelled). Labels
+    must already be at the maps' H×W (the engine nearest-resizes them). Student and teacher may have
+    different C. One N×K×(H·W) one-hot matrix and ``bmm`` replace the reference's loop over classes.
+    Computed in fp32; the teacher is detached.
     """
 
     def __init__(self, num_classes: int | None = None) -> None:
@@ -37,11 +38,13 @@ class IntraClassFeatureVariation(DistillationLoss):
             raise ValueError(f"IntraClassFeatureVariation: num_classes must be an integer >= 1, got {num_classes}")
         self.num_classes = None if num_classes is None else int(num_classes)
 
-    def forward(self, student: Tensor, teacher: Tensor, labels: Tensor | None, ignore_index: int = 255) -> Tensor:
+    def forward(
+        self, student: Tensor, teacher: Tensor, labels: Tensor | None, ignore_index: int | None = 255
+    ) -> Tensor:
         name = type(self).__name__
         check_maps(name, student, teacher, same_channels=False)
         labels = check_labels(name, labels, student).to(student.device)
-        valid = labels != ignore_index
+        valid = labels != ignore_index if ignore_index is not None else torch.ones_like(labels, dtype=torch.bool)
         with full_precision(student):
             if not bool(valid.any()):
                 return student.float().sum() * 0.0

@@ -4,6 +4,7 @@ the official ``yzd-v/MGD seg/mmseg/distillation/losses/mgd.py``; its generator i
 from __future__ import annotations
 
 import torch
+import torch.distributed as dist
 from torch import Tensor, nn
 
 from cwd_lightning.losses.base import DistillationLoss
@@ -17,8 +18,11 @@ class MaskedGenerativeDistillation(DistillationLoss):
     M ∈ {0,1}^{N×1×H×W} per call with M = 0 at a position with probability ``mask_ratio`` (λ_mgd, 0.75
     in the reference segmentation configs); G = conv3×3 → ReLU → conv3×3 (C_t channels, no BN).
     L = Σ (G(S' ⊙ M) − T)² / N: summed over C·H·W, averaged over the batch, as the reference, hence its
-    tiny weight α_mgd = 2e-5 (set it as the term's weight). The mask uses torch's global RNG, so a
-    seeded run repeats it. Align and generator are built from the probed shapes, trained with the
+    tiny weight α_mgd = 2e-5 (set it as the term's weight). The mask is drawn from torch's global RNG, so a
+    seeded run (and an exact resume) repeats it; under DDP every rank holds the same RNG state (Lightning
+    seeds them alike), so each draws ``world_size`` masks and keeps the one of its rank: the ranks mask
+    different positions and their RNGs stay in step (the reference draws one mask per rank from the same
+    state: all ranks mask alike). Align and generator are built from the probed shapes, trained with the
     student, saved in checkpoints and not exported.
     """
 
@@ -52,9 +56,15 @@ class MaskedGenerativeDistillation(DistillationLoss):
                     f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
                 )
             aligned = self.align(student.float())
-            keep = torch.rand(aligned.shape[0], 1, *aligned.shape[2:], device=aligned.device) >= self.mask_ratio
+            keep = rank_mask(aligned.shape[0], aligned.shape[2:], aligned.device) >= self.mask_ratio
             generated = self.generator(aligned * keep)
             return (generated - teacher.detach().float()).pow(2).sum() / student.shape[0]
 
     def extra_repr(self) -> str:
         return f"mask_ratio={self.mask_ratio}"
+
+
+def rank_mask(batch: int, size: torch.Size, device: torch.device) -> Tensor:
+    """N×1×H×W uniform draws for this rank: one draw per rank from the shared RNG state, this rank's kept."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return torch.rand(world, batch, 1, *size, device=device)[rank]

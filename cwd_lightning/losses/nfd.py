@@ -4,6 +4,7 @@ exists: the definition below is ours."""
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
 from torch import Tensor
@@ -25,7 +26,9 @@ class NormalizedFeatureDistillation(DistillationLoss):
     uses the unbiased std, no eps and an unsquared Frobenius norm over H·W instead), ``"channel"`` =
     per (n,h,w) over C, ``"layer"`` = per n over C·H·W. L = mean over N·C·H·W of (S' − T')². The
     normalisation removes the teacher's magnitude, which is the paper's stated point; eps keeps a
-    constant (dead) channel finite. Same C required. Computed in fp32; the teacher side is detached.
+    constant (dead) channel finite. A map with a single value per standardised group (a 1×1 map on the
+    spatial axis, C = 1 on the channel axis) standardises to 0 whatever it holds, so the loss would be 0:
+    it is refused. Same C required. Computed in fp32; the teacher side is detached.
     """
 
     def __init__(self, axis: Axis = "spatial", eps: float = 1e-5) -> None:
@@ -39,6 +42,10 @@ class NormalizedFeatureDistillation(DistillationLoss):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         check_maps(type(self).__name__, student, teacher)
+        if math.prod(student.shape[d] for d in AXIS_DIMS[self.axis]) == 1:
+            over = {"spatial": "1×1 map", "channel": "single channel", "layer": "single value"}[self.axis]
+            raise ValueError(f"standardising a {over} over the {self.axis} axis gives 0 whatever it holds, so the "
+                             "loss is identically 0; choose another axis or compare larger maps")  # fmt: skip
         with full_precision(student):
             standard_student = self.standardize(student.float())
             standard_teacher = self.standardize(teacher.detach().float())

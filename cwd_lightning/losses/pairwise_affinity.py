@@ -3,6 +3,8 @@ Segmentation", CVPR 2019), in CIRKD's form (``winycg/CIRKD losses/skd.py``, ``Cr
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor
@@ -18,8 +20,9 @@ class PairwiseAffinity(DistillationLoss):
     giving HW' nodes; each node's C-vector is L2-normalised (eps 1e-12, gradient through the norm), and
     A = FᵀF is the HW'×HW' cosine matrix of each sample. L = mean over N·HW'·HW' of (A_T − A_S)².
     CIRKD's fixed 2×2 pool is the default; SKD's β = 0.5 pooling instead leaves 2×2 nodes in all.
-    Memory is O((HW')²) per sample. Student and teacher may have different C. Computed in fp32; the
-    teacher side is detached.
+    A pool that leaves a single node (as large as the map) makes A = 1 for both networks: refused, as
+    the loss would be identically 0. Memory is O((HW')²) per sample. Student and teacher may have
+    different C. Computed in fp32; the teacher side is detached.
     """
 
     def __init__(self, pool_size: int = 2) -> None:
@@ -30,6 +33,11 @@ class PairwiseAffinity(DistillationLoss):
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         check_maps(type(self).__name__, student, teacher, same_channels=False)
+        nodes = math.ceil(student.shape[2] / self.pool_size) * math.ceil(student.shape[3] / self.pool_size)
+        if nodes == 1:
+            raise ValueError(f"a {self.pool_size}×{self.pool_size} pool leaves one node of the "
+                             f"{student.shape[2]}×{student.shape[3]} map, whose affinity is 1 for any input: the "
+                             "loss would be identically 0; use a smaller pool_size")  # fmt: skip
         with full_precision(student):
             affinity_student = self.affinity(student.float())
             affinity_teacher = self.affinity(teacher.detach().float())

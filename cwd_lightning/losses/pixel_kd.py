@@ -18,19 +18,21 @@ class PixelWiseKD(DistillationLoss):
     pixels, i.e. ``KLDivLoss(reduction="batchmean")`` on the (N·H·W)×C view (CIRKD's reduction; TD's
     ``KLDivLoss()`` is this divided by C and without τ², SKD's is a cross-entropy). It is exactly
     ``ChannelWiseDivergence(tau, normalize="spatial")`` and is computed by it: log space, fp32 even
-    under autocast, teacher detached. Student and teacher need the same C.
+    under autocast, teacher detached. Student and teacher need the same C. ``standardize``: logit
+    standardisation of each pixel's C logits before τ (see ``ChannelWiseDivergence``).
     """
 
-    def __init__(self, tau: float = 1.0) -> None:
+    def __init__(self, tau: float = 1.0, standardize: bool = False) -> None:
         super().__init__()
         if tau <= 0:
             raise ValueError(f"PixelWiseKD: tau must be > 0, got {tau}")
         self.tau = float(tau)
-        self.divergence = ChannelWiseDivergence(self.tau, normalize="spatial", divergence="kl")
+        self.standardize = bool(standardize)
+        self.divergence = ChannelWiseDivergence(self.tau, "spatial", "kl", self.standardize)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         check_maps(type(self).__name__, student, teacher)
         return self.divergence(student, teacher)
 
     def extra_repr(self) -> str:
-        return f"tau={self.tau}"
+        return f"tau={self.tau}, standardize={self.standardize}"

@@ -230,3 +230,22 @@ def test_cwd_rejects_bad_settings(kwargs, match):
 def test_cwd_rejects_mismatched_shapes():
     with pytest.raises(ValueError, match="same shape"):
         ChannelWiseDivergence(TAU, "spatial", "mse")(torch.zeros(N, 3, H, W), torch.zeros(N, 4, H, W))
+
+
+@pytest.mark.parametrize("normalize", ["channel", "spatial"])
+def test_cwd_standardize_is_kl_of_z_scored_logits(normalize):
+    """Logit standardisation: each distribution's logits z-scored (unbiased std + 1e-7) before τ."""
+    student, teacher = random_maps(N, 3, H, W, seed=5, scale=2.0), random_maps(N, 3, H, W, seed=6, scale=4.0)
+    axis = (2, 3) if normalize == "channel" else (1,)
+
+    def z(maps: Tensor) -> Tensor:
+        maps = maps.double()
+        return (maps - maps.mean(axis, keepdim=True)) / (maps.std(axis, keepdim=True) + 1e-7)
+
+    loss = ChannelWiseDivergence(TAU, normalize, standardize=True)
+    expected = reference_cwd(z(student), z(teacher), TAU, normalize, "kl")
+    assert loss(student, teacher).item() == pytest.approx(expected, rel=1e-5)
+    plain = ChannelWiseDivergence(TAU, normalize)(student, teacher)
+    assert loss(student, teacher).item() != pytest.approx(plain.item())
+    assert loss(teacher, teacher).item() == pytest.approx(0.0, abs=1e-6)
+    assert "standardize=True" in repr(loss)

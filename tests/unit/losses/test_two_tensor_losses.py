@@ -1,4 +1,4 @@
-"""The two-tensor losses (pixel-wise KD, AT, LOCAL, PA, IFVD, channel-mean, NFD, DIST, cosine) against float64
+"""The two-tensor losses (pixel-wise KD, AT, LOCAL, PA, IFVD, channel-mean, NFD, DIST, cosine, PKD) against float64
 references, and the properties every loss shares: zero at student = teacher, gradients to the student only,
 shape checks, fp32 under autocast, bad arguments refused."""
 
@@ -14,6 +14,7 @@ from torch import Tensor, nn
 
 from cwd_lightning.losses import (
     DIST,
+    PKD,
     AttentionTransfer,
     ChannelMeanMSE,
     ChannelWiseDivergence,
@@ -56,7 +57,11 @@ LOSSES: dict[str, tuple[Callable[[], nn.Module], bool, dict]] = {
     "nfd": (lambda: NormalizedFeatureDistillation(), False, {}),
     "dist": (lambda: DIST(tau=2.0), False, {}),
     "cosine": (lambda: CosineDistance(), False, {}),
+    "pkd": (lambda: PKD(), False, {}),
+    "pixel_kd_standardized": (lambda: PixelWiseKD(tau=2.0, standardize=True), False, {}),
 }
+#: losses that resize one side when the maps' H×W differ (PKD, as its reference)
+RESIZE_THEMSELVES = {"pkd"}
 
 
 def reference_pixel_kd(student: Tensor, teacher: Tensor, tau: float) -> float:
@@ -340,6 +345,60 @@ def test_dist_value(beta, gamma, tau):
     assert DIST(beta, gamma, tau)(student, teacher).item() == pytest.approx(expected, rel=1e-5)
 
 
+def reference_pkd(student: Tensor, teacher: Tensor) -> float:
+    """½ · mean of the squared difference of each channel z-scored over its N·H·W values (unbiased std)."""
+
+    def standardized(maps: Tensor, c: int) -> list[float]:
+        values = maps[:, c].double().flatten().tolist()
+        mean = sum(values) / len(values)
+        std = math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1))
+        return [(v - mean) / (std + 1e-6) for v in values]
+
+    squares = [(s - t) ** 2 for c in range(student.shape[1])
+               for s, t in zip(standardized(student, c), standardized(teacher, c), strict=True)]  # fmt: skip
+    return 0.5 * sum(squares) / len(squares)
+
+
+def test_pkd_value_and_one_minus_pearson():
+    student, teacher = random_maps(N, C, H, W, seed=41, scale=3), random_maps(N, C, H, W, seed=42)
+    value = PKD()(student, teacher).item()
+    assert value == pytest.approx(reference_pkd(student, teacher), rel=1e-5)
+    count = N * H * W  # = 1 − r with the unbiased std, up to (count − 1)/count
+    pearson = [float(torch.corrcoef(torch.stack([student[:, c].flatten(), teacher[:, c].flatten()]).double())[0, 1])
+               for c in range(C)]  # fmt: skip
+    assert value == pytest.approx((1 - sum(pearson) / C) * (count - 1) / count, rel=1e-4)
+    assert PKD()(student * 7 + 3, teacher).item() == pytest.approx(value, rel=1e-4)  # scale and offset free
+
+
+@pytest.mark.parametrize("side", ["student", "teacher"])
+def test_pkd_resizes_the_named_side_bilinearly(side):
+    student, teacher = random_maps(N, C, 4, 6, seed=43), random_maps(N, C, 8, 12, seed=44)
+    resized = {"student": (F.interpolate(student, size=(8, 12), mode="bilinear"), teacher),
+               "teacher": (student, F.interpolate(teacher, size=(4, 6), mode="bilinear"))}[side]  # fmt: skip
+    assert PKD(side)(student, teacher).item() == pytest.approx(reference_pkd(*resized), rel=1e-5)
+    with pytest.raises(ValueError, match="no variance"):
+        PKD()(torch.randn(1, C, 1, 1), torch.randn(1, C, 1, 1))
+
+
+def reference_standardized_pixel_kd(student: Tensor, teacher: Tensor, tau: float) -> float:
+    def z(maps: Tensor) -> Tensor:
+        maps = maps.double()
+        return (maps - maps.mean(1, keepdim=True)) / (maps.std(1, keepdim=True) + 1e-7)
+
+    return reference_pixel_kd(z(student), z(teacher), tau)
+
+
+@pytest.mark.parametrize("tau", [1.0, 2.0])
+def test_standardized_pixel_kd_value_and_scale_invariance(tau):
+    student, teacher = random_maps(N, C, H, W, seed=45, scale=2), random_maps(N, C, H, W, seed=46, scale=5)
+    value = PixelWiseKD(tau, standardize=True)(student, teacher)
+    assert value.item() == pytest.approx(reference_standardized_pixel_kd(student, teacher, tau), rel=1e-5)
+    # the teacher's logit scale no longer matters; without the switch it does
+    scaled = PixelWiseKD(tau, standardize=True)(student, teacher * 10 + 1)
+    assert scaled.item() == pytest.approx(value.item(), rel=1e-4)
+    assert PixelWiseKD(tau)(student, teacher * 10).item() != pytest.approx(PixelWiseKD(tau)(student, teacher).item())
+
+
 @pytest.mark.parametrize("name", list(LOSSES))
 def test_zero_when_student_equals_teacher(name):
     make, _, context = LOSSES[name]
@@ -363,7 +422,8 @@ def test_rejects_mismatched_shapes(name):
     loss = make()
     student = random_maps(N, C, H, W, seed=33)
     with pytest.raises(ValueError, match="same N, H, W" if any_channels else "same shape"):
-        loss(student, random_maps(N, C, H, W + 1, seed=34), **context)
+        other = (N + 1, C, H, W) if name in RESIZE_THEMSELVES else (N, C, H, W + 1)
+        loss(student, random_maps(*other, seed=34), **context)
     with pytest.raises(ValueError, match="N×C×H×W"):
         loss(student[0], random_maps(C, H, W, seed=35), **context)
     if not any_channels:
