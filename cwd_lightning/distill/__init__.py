@@ -1,6 +1,8 @@
 """The engine, the same for every task: the DistillationModule, its terms and the distiller that records and
-compares the tapped tensors, the connectors, the teacher and where its tensors come from, the guards."""
+compares the tapped tensors, the connectors, the teacher and where its tensors come from, the guards, the terms'
+weight schedules and calibrations, the time budget."""
 
+from cwd_lightning.distill.budget import TimeBudget
 from cwd_lightning.distill.connectors import build_connector, match_size
 from cwd_lightning.distill.distiller import Distiller, DistillPair, StepContext
 from cwd_lightning.distill.guards import NonFiniteGuard
@@ -9,9 +11,11 @@ from cwd_lightning.distill.recorder import ForwardRecorder
 from cwd_lightning.distill.teacher import CachedTeacher, LiveTeacher, fingerprint, fingerprint_file
 from cwd_lightning.distill.teacher_cache import TeacherCache, TeacherCacheOptions
 from cwd_lightning.distill.terms import DistillTerm
+from cwd_lightning.distill.weights import Calibration, WeightSchedule
 
 __all__ = [
     "CachedTeacher",
+    "Calibration",
     "DistillPair",
     "DistillTerm",
     "DistillationModule",
@@ -22,6 +26,8 @@ __all__ = [
     "StepContext",
     "TeacherCache",
     "TeacherCacheOptions",
+    "TimeBudget",
+    "WeightSchedule",
     "build_connector",
     "fingerprint",
     "fingerprint_file",

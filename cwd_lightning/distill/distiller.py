@@ -226,12 +226,27 @@ class Distiller(nn.Module):
             recorder.clear()
 
     def compute(
-        self, context: StepContext, auxiliary: bool = False
+        self, context: StepContext, auxiliary: bool = False, weights: dict[str, float] | None = None
     ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
-        """From the recorded step: Σ weight·term, each term's (unweighted) value (per pair when a term
-        expands), and (if ``auxiliary``) the auxiliary loss of every pair that trains a module of its
-        own with its own optimiser."""
+        """From the recorded step: Σ weight·term (``weights`` by term name; the terms' own weights by default),
+        each term's (unweighted) value (per pair when a term expands), and (if ``auxiliary``) the auxiliary loss
+        of every pair that trains a module of its own with its own optimiser."""
+        terms, values, auxiliary_losses = self.term_values(context, auxiliary)
+        return self.weighted_total(terms, weights), values, auxiliary_losses
+
+    def weighted_total(self, terms: dict[str, Tensor], weights: dict[str, float] | None = None) -> Tensor:
         total = torch.zeros(())
+        for term in self.terms:
+            weight = term.weight if weights is None else weights[term.name]
+            total = total.to(terms[term.name].device) + weight * terms[term.name]
+        return total
+
+    def term_values(
+        self, context: StepContext, auxiliary: bool = False
+    ) -> tuple[dict[str, Tensor], dict[str, Tensor], dict[str, Tensor]]:
+        """From the recorded step: each term's unweighted value (in the graph), the detached values to log (per
+        pair too when a term expands) and the auxiliary losses (when asked)."""
+        terms: dict[str, Tensor] = {}
         values: dict[str, Tensor] = {}
         auxiliary_losses: dict[str, Tensor] = {}
         try:
@@ -245,12 +260,11 @@ class Distiller(nn.Module):
                         values[pair.key] = value.detach()
                     if auxiliary and pair.declared.auxiliary:
                         auxiliary_losses[pair.key] = pair.loss.auxiliary_loss(student.detach(), teacher.detach())
-                term_value = torch.stack(term_values).sum()
-                values[term.name] = term_value.detach()
-                total = total.to(term_value.device) + term.weight * term_value
+                terms[term.name] = torch.stack(term_values).sum()
+                values[term.name] = terms[term.name].detach()
         finally:
             self.clear()
-        return total, values, auxiliary_losses
+        return terms, values, auxiliary_losses
 
     # ------------------------------------------------------------------ parameters
     def auxiliary_pairs(self) -> list[DistillPair]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import lightning as L
@@ -9,9 +10,10 @@ import torch
 from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
+from cwd_lightning.distill.budget import TimeBudget, TrainingClock
 from cwd_lightning.distill.distiller import Distiller, StepContext
 from cwd_lightning.distill.guards import NonFiniteGuard
-from cwd_lightning.distill.schedules import Schedule, build_schedule
+from cwd_lightning.distill.schedules import VIRTUAL_STEPS, Schedule, advance_to, build_schedule
 from cwd_lightning.distill.speed import SpeedSwitches
 from cwd_lightning.distill.teacher import (
     LiveTeacher,
@@ -23,7 +25,21 @@ from cwd_lightning.distill.teacher import (
 )
 from cwd_lightning.distill.teacher_cache import TeacherCacheOptions, cached_teacher_outputs, serve_cache_views
 from cwd_lightning.distill.terms import DistillTerm
+from cwd_lightning.distill.weights import TermWeights, gradient_norm
 from cwd_lightning.tasks import Task, check_class_counts
+
+
+@dataclass
+class StepLosses:
+    """What one step computes: the task loss and its named parts, Σ weight·term, each term's unweighted value
+    (in the graph), the detached values to log and the auxiliary losses of losses with their own optimiser."""
+
+    task: Tensor
+    parts: dict[str, Tensor]
+    distill: Tensor
+    terms: dict[str, Tensor] = field(default_factory=dict)
+    values: dict[str, Tensor] = field(default_factory=dict)
+    auxiliary: dict[str, Tensor] = field(default_factory=dict)
 
 
 class DistillationModule(L.LightningModule):
@@ -38,7 +54,9 @@ class DistillationModule(L.LightningModule):
     it) over the student, the connectors and the losses' own modules; a loss that trains a module of its own
     with a second optimiser (an adversarial discriminator) switches the module to Lightning's manual
     optimisation, one update of each optimiser per batch. A non-finite loss, gradient or weight stops the run
-    (``on_non_finite: skip`` skips such steps): ``distill/guards.py``.
+    (``on_non_finite: skip`` skips such steps): ``distill/guards.py``. A term's weight may follow a schedule or
+    be calibrated (``distill/weights.py``); ``time_budget`` trains for seconds of the training loop instead of
+    steps, the schedules defined over the budget (``distill/budget.py``).
     """
 
     def __init__(
@@ -58,6 +76,7 @@ class DistillationModule(L.LightningModule):
         teacher_cache: TeacherCacheOptions | None = None,
         teachers: dict[str, nn.Module] | None = None,
         teacher_checkpoints: dict[str, str] | None = None,
+        time_budget: TimeBudget | None = None,
     ) -> None:
         super().__init__()
         self.task, self.student, self.teacher = task, student, teacher
@@ -74,6 +93,12 @@ class DistillationModule(L.LightningModule):
         if teacher_cache is not None and not self.terms:
             raise ValueError("model.teacher_cache caches the teacher's tensors of the terms: set model.terms too")
         self.teacher_cache = teacher_cache
+        self.clock = TrainingClock(time_budget) if time_budget is not None else None
+        if self.clock is not None and warmup_steps:
+            raise ValueError("model.warmup_steps: a schedule over model.time_budget has no step count; use "
+                             "lr_schedule: onecycle (its own warm-up) or 0")  # fmt: skip
+        self.term_weights = TermWeights(self.terms)
+        self.total_steps = 1  # of the schedule; set with the optimiser
         check_class_counts(task, student)
         checkpoints = {
             **({"teacher": teacher_checkpoint} if teacher is not None else {}),
@@ -95,6 +120,22 @@ class DistillationModule(L.LightningModule):
         self.live_outputs = TeacherOutputs(list(self.live_teachers.values()))
         self.training_outputs = self.live_outputs
         self.automatic_optimization = self.distiller is None or not self.distiller.auxiliary_pairs()
+        self.share_layers = {
+            term.name: self._layer_parameters(term) for term in self.terms
+            if term.calibration is not None and term.calibration.mode == "gradient_share"
+        }  # fmt: skip
+
+    def _layer_parameters(self, term: DistillTerm) -> list[nn.Parameter]:
+        layer = term.calibration.layer
+        try:
+            module = self.student.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"distillation term {term.name!r}: calibration.layer {layer!r} is not a module of the "
+                             "student") from None  # fmt: skip
+        parameters = [p for p in module.parameters() if p.requires_grad]
+        if not parameters:
+            raise ValueError(f"distillation term {term.name!r}: calibration.layer {layer!r} has no trained parameters")
+        return parameters
 
     # ---------------------------------------------------------------- teachers stay frozen
     def all_teachers(self) -> dict[str, nn.Module]:
@@ -111,36 +152,55 @@ class DistillationModule(L.LightningModule):
     def forward(self, inputs: Any) -> Any:
         return self.task.run(self.student, inputs)
 
-    def compute_losses(self, batch: Any, student_step: Any, teachers: Any = None, auxiliary: bool = False):
+    def step_losses(
+        self,
+        batch: Any,
+        student_step: Any,
+        teachers: Any = None,
+        auxiliary: bool = False,
+        weights: dict[str, float] | None = None,
+    ) -> StepLosses:
         """Record the teachers' tensors (``teachers``: a ``TeacherOutputs``, the live teachers by default) and
-        run ``student_step`` recorded: the task loss and its named parts, Σ weight·term, each term's value and
-        the auxiliary losses (when asked)."""
+        run ``student_step`` recorded; the terms are weighted by ``weights`` (their own weights by default)."""
         batch = self.speed.inputs(batch)
         if self.distiller is None:
             task_loss, parts = student_step(self.student, batch)
-            return task_loss, parts, torch.zeros((), device=self.device), {}, {}
+            return StepLosses(task_loss, parts, torch.zeros((), device=self.device))
         batch = (teachers or self.live_outputs).record(batch)
         with self.distiller.recording(teacher=False):
             task_loss, parts = student_step(self.student, batch)
         context = StepContext(self.task.dense_labels(batch), self.task.ignore_index, self.global_step)
-        distill_total, values, auxiliary_losses = self.distiller.compute(context, auxiliary=auxiliary)
-        return task_loss, parts, distill_total, values, auxiliary_losses
+        terms, values, auxiliary_losses = self.distiller.term_values(context, auxiliary=auxiliary)
+        distill = self.distiller.weighted_total(terms, weights)
+        return StepLosses(task_loss, parts, distill, terms, values, auxiliary_losses)
+
+    def compute_losses(self, batch: Any, student_step: Any, teachers: Any = None, auxiliary: bool = False):
+        """``step_losses`` as a tuple: the task loss, its parts, Σ weight·term, the values, the auxiliary losses."""
+        losses = self.step_losses(batch, student_step, teachers, auxiliary)
+        return losses.task, losses.parts, losses.distill, losses.values, losses.auxiliary
+
+    def progress(self) -> float:
+        """The share of training done: of the time budget, else of the schedule's steps."""
+        return self.clock.progress if self.clock is not None else self.global_step / self.total_steps
 
     def training_step(self, batch: Any, batch_idx: int) -> Tensor | None:
         # a skipped step must leave no trace: its forward already moved the BatchNorm statistics
         statistics = self._statistics() if self.guard.skips else []
         saved = [buffer.clone() for buffer in statistics]
-        task_loss, parts, distill_total, values, auxiliary = self.compute_losses(
-            batch, self.task.training_loss, self.training_outputs, auxiliary=not self.automatic_optimization
-        )
+        step = self.global_step
+        weights = self.term_weights.at(step, self.progress())
+        losses = self.step_losses(batch, self.task.training_loss, self.training_outputs,
+                                  auxiliary=not self.automatic_optimization, weights=weights)  # fmt: skip
+        task_loss, distill_total, auxiliary = losses.task, losses.distill, losses.auxiliary
         loss = task_loss + distill_total
         batch_size = self.task.batch_size(batch)
         logs = {"train/loss": loss.detach(), "train/loss_task": task_loss.detach()}
-        if len(parts) > 1:
-            logs.update({f"train/loss_task/{name}": value for name, value in parts.items()})
+        if len(losses.parts) > 1:
+            logs.update({f"train/loss_task/{name}": value for name, value in losses.parts.items()})
         if self.distiller is not None:
-            logs.update({f"train/distill/{name}": value for name, value in values.items()})
+            logs.update({f"train/distill/{name}": value for name, value in losses.values.items()})
             logs["train/distill_to_task"] = distill_total.detach() / task_loss.detach().clamp_min(1e-12)
+            logs.update({f"train/weight/{name}": weights[name] for name in self.term_weights.varying})
         logs.update({f"train/auxiliary/{name}": value.detach() for name, value in auxiliary.items()})
         self.log_dict(logs, batch_size=batch_size)
         self.log("loss", loss.detach(), prog_bar=True, logger=False, batch_size=batch_size)
@@ -149,10 +209,30 @@ class DistillationModule(L.LightningModule):
             for buffer, value in zip(statistics, saved, strict=True):
                 buffer.copy_(value)
             return None  # skipped (on_non_finite: skip): no backward, no update, statistics as before
+        self._calibrate(step, losses, weights)
         if self.automatic_optimization:
             return loss
         self._manual_update(loss, auxiliary)
         return None
+
+    def _calibrate(self, step: int, losses: StepLosses, weights: dict[str, float]) -> None:
+        """The calibrations' measurements of this step (they set the weights of the following steps)."""
+
+        def mean(value: Tensor) -> Tensor:
+            return self.trainer.strategy.reduce(value, reduce_op="mean")
+
+        self.term_weights.observe(step, losses.task, losses.terms, mean)
+        for name in self.term_weights.share_due(step, weights):
+            parameters = self.share_layers[name]
+            term_norm = gradient_norm(weights[name] * losses.terms[name], parameters)
+            if term_norm is None:
+                layer = self.term_weights.terms[name].calibration.layer
+                raise ValueError(f"distillation term {name!r}: its gradient does not reach calibration.layer "
+                                 f"{layer!r} of the student")  # fmt: skip
+            task_norm = gradient_norm(losses.task, parameters)
+            task_norm = torch.zeros(()) if task_norm is None else task_norm
+            share = self.term_weights.update_share(name, float(mean(term_norm)), float(mean(task_norm)))
+            self.log(f"train/gradient_share/{name}", share)
 
     def _statistics(self) -> list[Tensor]:
         """The buffers a training forward changes (BatchNorm running statistics and counters)."""
@@ -167,11 +247,32 @@ class DistillationModule(L.LightningModule):
         main.zero_grad()
         self.manual_backward(loss)
         main.step()
-        self.lr_schedulers().step()
+        self.lr_scheduler_step(self.lr_schedulers(), None)
         for pair, optimizer in zip(self.distiller.auxiliary_pairs(), others, strict=True):
             optimizer.zero_grad()  # the student's backward also reached these parameters
             self.manual_backward(auxiliary[pair.key])
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """One step, or under a time budget: to the share of the budget spent (time spent stepping not counted)."""
+        if self.clock is None:
+            scheduler.step()
+            return
+        self.clock.stop()
+        advance_to(scheduler, self.clock.progress)
+        self.clock.start(self.device)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.clock is not None:
+            self.clock.start(self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.clock is None:
+            return
+        self.clock.stop()
+        self.log("train/budget_spent_s", self.clock.elapsed)
+        if self.clock.spent:  # Lightning validates once more before it stops
+            self.trainer.should_stop = True
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
         task_loss, _, _, values, _ = self.compute_losses(batch, self.task.validation_step)
@@ -216,8 +317,11 @@ class DistillationModule(L.LightningModule):
 
     def configure_optimizers(self) -> Any:
         optimizer = self.optimizer_factory(self.trainable_parameters())
-        total = max(1, int(self.trainer.estimated_stepping_batches))
-        scheduler = build_schedule(optimizer, self.lr_schedule, total, self.warmup_steps, self.poly_power)
+        if self.clock is None:
+            self.total_steps = max(1, int(self.trainer.estimated_stepping_batches))
+        else:  # the schedule runs over the budget: virtual steps, advanced with the time spent
+            self.total_steps = VIRTUAL_STEPS
+        scheduler = build_schedule(optimizer, self.lr_schedule, self.total_steps, self.warmup_steps, self.poly_power)
         main = {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step"}}
         if self.automatic_optimization:
             return main
@@ -228,9 +332,17 @@ class DistillationModule(L.LightningModule):
         self.guard.check_state(self.trained_tensors(), self.global_step, "before writing a checkpoint")
         strip_from_checkpoint(checkpoint, self.teacher_fingerprints)
         checkpoint.update(self.guard.state_dict())
+        if self.term_weights.varying:
+            checkpoint["term_weights"] = self.term_weights.state_dict()
+        if self.clock is not None:
+            checkpoint["time_budget"] = self.clock.state_dict()
 
     def on_load_checkpoint(self, checkpoint: dict[str, Any]) -> None:
         self.guard.load_state_dict(checkpoint)
+        if "term_weights" in checkpoint:
+            self.term_weights.load_state_dict(checkpoint["term_weights"])
+        if self.clock is not None and "time_budget" in checkpoint:
+            self.clock.load_state_dict(checkpoint["time_budget"])
         restore_into_checkpoint(checkpoint, self.all_teachers(), self.teacher_fingerprints)
 
     # ---------------------------------------------------------------- speed switches, teacher cache
@@ -244,6 +356,9 @@ class DistillationModule(L.LightningModule):
 
     def on_fit_start(self) -> None:
         self.guard.check_distributed(self.trainer.world_size)
+        if self.clock is not None and self.trainer.max_steps != -1:
+            raise ValueError(f"model.time_budget ends the run, but trainer.max_steps is {self.trainer.max_steps}: "
+                             "set trainer.max_steps: -1 (and trainer.max_epochs: -1)")  # fmt: skip
         if self.teacher_cache is not None:  # the training steps read each teacher's cache from now on
             fingerprints, device = self.teacher_fingerprints, self.device
             self.training_outputs = cached_teacher_outputs(self.teacher_cache, self.live_teachers, fingerprints,

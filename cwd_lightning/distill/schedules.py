@@ -9,6 +9,10 @@ from torch.optim.lr_scheduler import ConstantLR, LinearLR, LRScheduler, OneCycle
 
 Schedule = Literal["poly", "onecycle", "constant"]
 
+#: the steps of a schedule defined over a time budget: it is built over these and advanced to the share of the
+#: budget spent (``advance_to``), so torch's schedulers run unchanged and end when the budget does
+VIRTUAL_STEPS = 10_000
+
 
 def build_schedule(
     optimizer: torch.optim.Optimizer,
@@ -38,3 +42,10 @@ def build_schedule(
         return main
     warmup = LinearLR(optimizer, start_factor=1.0 / warmup_steps, end_factor=1.0, total_iters=warmup_steps)
     return SequentialLR(optimizer, [warmup, main], milestones=[warmup_steps])
+
+
+def advance_to(scheduler: LRScheduler, progress: float) -> None:
+    """Step a schedule built over ``VIRTUAL_STEPS`` to the point ``progress`` (0…1) of its budget."""
+    target = min(VIRTUAL_STEPS - 1, int(progress * VIRTUAL_STEPS))
+    while scheduler.last_epoch < target:
+        scheduler.step()

@@ -9,6 +9,7 @@ from typing import Any, Literal
 from torch import Tensor, nn
 
 from cwd_lightning.distill.connectors import ConnectorKind, ResizeMode
+from cwd_lightning.distill.weights import Calibration, WeightSchedule
 
 #: ``<module path>`` or ``<module path>/<key>``: a dotted module path (empty: the model itself), and the key or
 #: index of its output to take (module paths never contain "/", and YAML reads these forms as plain strings)
@@ -35,6 +36,10 @@ class DistillTerm:
 
     ``from_teacher`` names the teacher whose paths these are: ``teacher`` (``model.teacher``) or a name of
     ``model.teachers``.
+
+    ``schedule`` makes the weight vary over training (deferred start, warm-up, decay, stop) and
+    ``calibration`` sets it from measurements (a ratio to the task loss, or a share of the gradient at a
+    student layer); see ``distill/weights.py``. Either is logged as ``train/weight/<name>``.
     """
 
     name: str
@@ -46,6 +51,8 @@ class DistillTerm:
     resize: ResizeMode | None = None
     calls: Calls = None
     from_teacher: str = "teacher"
+    schedule: WeightSchedule | None = None
+    calibration: Calibration | None = None
 
     def __post_init__(self) -> None:
         if not re.fullmatch(r"[A-Za-z0-9_]+", self.name):

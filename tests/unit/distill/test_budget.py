@@ -1,0 +1,98 @@
+"""Training for a budget of time: the run stops at its budget with its schedule ended, validated once more, the
+time spent kept in the checkpoint; torch's schedulers run over virtual steps advanced with the budget spent."""
+
+from __future__ import annotations
+
+import math
+
+import lightning as L
+import pytest
+import torch
+from torch.optim.lr_scheduler import OneCycleLR
+
+from cwd_lightning.distill.budget import TimeBudget, TrainingClock
+from cwd_lightning.distill.schedules import VIRTUAL_STEPS, advance_to, build_schedule
+from tests.helpers import cwd_module, tiny_datamodule
+
+
+def optimizer() -> torch.optim.Optimizer:
+    return torch.optim.AdamW([torch.nn.Parameter(torch.zeros(1))], lr=4e-3)
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "poly"])
+def test_advance_to_is_the_schedule_at_that_share_of_its_virtual_steps(schedule):
+    driven, reference = optimizer(), optimizer()
+    driven_schedule = build_schedule(driven, schedule, VIRTUAL_STEPS)
+    reference_schedule = build_schedule(reference, schedule, VIRTUAL_STEPS)
+    for progress in (0.0, 0.1, 0.2999, 0.5, 0.77, 1.0):
+        advance_to(driven_schedule, progress)
+        while reference_schedule.last_epoch < min(VIRTUAL_STEPS - 1, int(progress * VIRTUAL_STEPS)):
+            reference_schedule.step()
+        assert driven.param_groups[0]["lr"] == reference.param_groups[0]["lr"]
+        assert driven.param_groups[0]["betas"] == reference.param_groups[0]["betas"]  # one-cycle's momentum too
+    if schedule == "onecycle":  # the end of the budget is the end of the schedule: lr / (25 · 1e4)
+        assert isinstance(driven_schedule, OneCycleLR)
+        assert driven.param_groups[0]["lr"] == pytest.approx(4e-3 / 25 / 1e4, rel=1e-2)
+
+
+def test_clock_counts_process_seconds_and_resumes():
+    clock = TrainingClock(TimeBudget(0.05, "process"))
+    clock.start(torch.device("cpu"))
+    total = 0.0
+    while clock.elapsed == 0.0 or not clock.spent:
+        for _ in range(20000):
+            total += math.sqrt(2.0)
+        clock.stop()
+        clock.start(torch.device("cpu"))
+    assert clock.spent and clock.progress == 1.0 and clock.elapsed >= 0.05
+    other = TrainingClock(TimeBudget(0.05, "process"))
+    other.load_state_dict(clock.state_dict())
+    assert other.elapsed == clock.elapsed
+
+
+@pytest.mark.parametrize(("make", "match"), [(lambda: TimeBudget(0), "seconds"),
+                                             (lambda: TimeBudget(5, "gpu"), "clock")])  # fmt: skip
+def test_bad_budgets_are_refused(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+class LearningRates(L.Callback):
+    def __init__(self) -> None:
+        self.rates: list[float] = []
+        self.validations = 0
+
+    def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
+        self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
+
+    def on_validation_end(self, trainer, module) -> None:
+        self.validations += 1
+
+
+def test_a_budgeted_fit_stops_at_its_budget_with_its_schedule_ended(teacher_file, tiny_shapes, tmp_path):
+    module = cwd_module(teacher_file, lr_schedule="onecycle", time_budget=TimeBudget(4.0, "process"))
+    rates = LearningRates()
+    trainer = L.Trainer(max_steps=-1, max_epochs=-1, logger=False, enable_progress_bar=False, callbacks=[rates],
+                        val_check_interval=1000, check_val_every_n_epoch=None, limit_val_batches=1,
+                        num_sanity_val_steps=0, enable_checkpointing=False)  # fmt: skip
+    trainer.fit(module, tiny_datamodule(tiny_shapes))
+    steps = trainer.global_step
+    assert steps >= 3 and module.clock.spent
+    assert module.clock.elapsed - 4.0 < module.clock.elapsed / steps * 1.5  # stopped within the step that spent it
+    assert rates.validations == 1  # the step-count validation never came: the one at the stop did
+    peak = max(rates.rates)
+    assert rates.rates[-1] < 0.05 * peak  # one-cycle ran to its end within the budget
+    assert trainer.callback_metrics["train/budget_spent_s"].item() == pytest.approx(module.clock.elapsed, rel=1e-6)
+    path = tmp_path / "budget.ckpt"
+    trainer.save_checkpoint(path)
+    saved = torch.load(path, weights_only=True)
+    assert saved["time_budget"]["elapsed"] == pytest.approx(module.clock.elapsed)
+
+
+def test_a_budget_with_a_step_limit_is_refused(teacher_file, tiny_shapes):
+    module = cwd_module(teacher_file, time_budget=TimeBudget(1.0))
+    trainer = L.Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_checkpointing=False)
+    with pytest.raises(ValueError, match="trainer.max_steps: -1"):
+        trainer.fit(module, tiny_datamodule(tiny_shapes))
+    with pytest.raises(ValueError, match="warmup_steps"):
+        cwd_module(teacher_file, time_budget=TimeBudget(1.0), warmup_steps=5)
