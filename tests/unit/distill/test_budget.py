@@ -92,7 +92,7 @@ def test_a_budgeted_fit_stops_at_its_budget_with_its_schedule_ended(teacher_file
 def test_a_budget_with_a_step_limit_is_refused(teacher_file, tiny_shapes):
     module = cwd_module(teacher_file, time_budget=TimeBudget(1.0))
     trainer = L.Trainer(max_steps=10, logger=False, enable_progress_bar=False, enable_checkpointing=False)
-    with pytest.raises(ValueError, match="trainer.max_steps: -1"):
+    with pytest.raises(ValueError, match=r"trainer\.max_steps: -1"):
         trainer.fit(module, tiny_datamodule(tiny_shapes))
     with pytest.raises(ValueError, match="warmup_steps"):
         cwd_module(teacher_file, time_budget=TimeBudget(1.0), warmup_steps=5)
