@@ -114,9 +114,11 @@ class Distiller(nn.Module):
             if term.from_teacher not in teachers:
                 raise ValueError(f"distillation term {term.name!r}: from_teacher {term.from_teacher!r} is not a "
                                  f"teacher of this run (teachers: {', '.join(teachers) or 'none'})")  # fmt: skip
-        unread = sorted(set(teachers) - {term.from_teacher for term in terms} - {"teacher"})
+        unread = [name for name in teachers if name not in {term.from_teacher for term in terms}]
         if unread:
-            raise ValueError(f"model.teachers: {', '.join(unread)} read by no term (set from_teacher in a term)")
+            where = ", ".join("model.teacher" if name == "teacher" else f"model.teachers.{name}" for name in unread)
+            raise ValueError(f"{where}: read by no term (a term reads model.teacher unless its from_teacher names "
+                             "another)")  # fmt: skip
         self.terms = terms
         self.student_recorder = ForwardRecorder(
             student, [split_path(p)[0] for t in terms for p in t.student_paths], side="student"

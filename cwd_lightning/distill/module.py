@@ -82,6 +82,10 @@ class DistillationModule(L.LightningModule):
         self.task, self.student, self.teacher = task, student, teacher
         if "teacher" in (teachers or {}):
             raise ValueError("model.teachers: the name 'teacher' is model.teacher's; name the others otherwise")
+        if "teacher" in (teacher_checkpoints or {}):
+            raise ValueError("model.teacher_checkpoints: model.teacher's weights go in model.teacher_checkpoint")
+        if teachers and not terms:
+            raise ValueError("model.teachers are set but model.terms are not: no term would read them")
         self.teachers = nn.ModuleDict(teachers or {})  # the teachers beside model.teacher, by name
         self.terms = list(terms or [])
         self.optimizer_factory = optimizer

@@ -4,6 +4,7 @@ the logits have output stride 8, with an auxiliary FCN head on stage 3 for train
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Literal
 
 from torch import Tensor, nn
@@ -97,8 +98,9 @@ def build_dilated_segmentor(
     decode_head = head_class(stage4_channels, channels, num_classes)
     auxiliary_head = FCNHead(stage3_channels, auxiliary_channels, num_classes) if auxiliary else None
     segmentor = DilatedSegmentor(encoder, decode_head, auxiliary_head)
-    if checkpoint is not None:
-        load_weights(segmentor, checkpoint, side="student")
+    if checkpoint is not None:  # as a student's start or as a teacher's weights (it then needs no teacher_checkpoint)
+        load_weights(segmentor, checkpoint, side="build_dilated_segmentor")
+        segmentor.pretrained_source = f"checkpoint {Path(checkpoint).name}"
     return segmentor
 
 

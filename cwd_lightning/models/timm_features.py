@@ -8,7 +8,7 @@ from typing import Any
 
 from torch import Tensor, nn
 
-from cwd_lightning.models.vit import VitFeatureMaps, timm_weights_error, vit_features
+from cwd_lightning.models.vit import VitFeatureMaps, timm_weights_error, vit_features, without_classifier
 from cwd_lightning.models.weights import load_state, read_weights
 
 
@@ -53,9 +53,7 @@ def timm_features(
             raise
         raise timm_weights_error(name, error) from error
     if checkpoint is not None:  # a state_dict of the whole model: its classifier is not part of the features
-        classifier = (probe.pretrained_cfg or {}).get("classifier") or "fc"
-        heads = tuple(f"{c}." for c in ((classifier,) if isinstance(classifier, str) else classifier))
-        state = {k: v for k, v in read_weights(checkpoint).items() if not k.startswith(heads)}
+        state = without_classifier(read_weights(checkpoint, "timm_features checkpoint"), probe)
         load_state(network, state, f"timm_features checkpoint {str(checkpoint)!r}")
     model = TimmFeatureMaps(network)
     if pretrained or checkpoint is not None:

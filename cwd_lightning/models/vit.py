@@ -10,13 +10,12 @@ normalised patch tokens) or ``/block<i>`` of the teacher's output; with a classi
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 from typing import Any
 
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cwd_lightning.models.weights import load_weights
+from cwd_lightning.models.weights import load_state, read_weights
 
 
 def tokens_to_map(tokens: Tensor, prefix_tokens: int, grid: tuple[int, int]) -> Tensor:
@@ -79,6 +78,14 @@ class VitFeatureMaps(nn.Module):
         return maps
 
 
+def without_classifier(state: dict[str, Tensor], model: nn.Module) -> dict[str, Tensor]:
+    """A timm model's state_dict without its classifier (timm's ``pretrained_cfg['classifier']``: ``head`` of a
+    ViT, ``fc`` of a ResNet …), which the feature networks built here do not have."""
+    classifier = (getattr(model, "pretrained_cfg", None) or {}).get("classifier") or "fc"
+    heads = tuple(f"{name}." for name in ((classifier,) if isinstance(classifier, str) else classifier))
+    return {key: value for key, value in state.items() if not key.startswith(heads)}
+
+
 def timm_weights_error(name: str, error: Exception) -> RuntimeError:
     """What to do when timm's pretrained weights for ``name`` could not be loaded (offline, most often)."""
     return RuntimeError(
@@ -113,7 +120,8 @@ def vit_features(
             raise
         raise timm_weights_error(name, error) from error
     if checkpoint is not None:
-        load_weights(vit, Path(checkpoint), side="teacher")
+        state = without_classifier(read_weights(checkpoint, "vit_features checkpoint"), vit)
+        load_state(vit, state, f"vit_features checkpoint {str(checkpoint)!r}")
     model = VitFeatureMaps(vit, blocks, pad, num_classes)
     if pretrained or checkpoint is not None:
         model.pretrained_source = f"timm {name} {checkpoint or 'pretrained'}"

@@ -52,16 +52,17 @@ def read_checkpoint(path: str | Path, what: str = "teacher checkpoint") -> tuple
 
 
 def load_weights(model: nn.Module, path: str | Path, side: str = "teacher") -> None:
-    """Load ``path`` into ``model``; any missing, unexpected or mis-shaped key is an error that lists them."""
+    """Load ``path`` into ``model``; any missing, unexpected or mis-shaped key is an error that lists them. An
+    mmdetection file is refused here: only ``build_detector(checkpoint=...)`` builds the layout it needs."""
     state, origin = read_checkpoint(path, f"{side} checkpoint")
-    hint = ""
-    if origin == "mmdetection":
-        hint = ("an mmdetection RetinaNet file: give it to the builder instead (build_detector's checkpoint: "
-                "<file>, teacher_checkpoint: null), which builds mmdet's layout (P6 from C5, its anchors)")  # fmt: skip
-    load_state(model, state, f"{side} checkpoint {str(path)!r}", side, hint)
+    if origin == "mmdetection":  # even when the keys fit: the layout (P7's input, the anchors) is the builder's
+        raise ValueError(f"{side} checkpoint {str(path)!r} is an mmdetection RetinaNet file: give it to the builder "
+                         "instead (build_detector's checkpoint: <file>, teacher_checkpoint: null), which builds "
+                         "mmdet's layout from it (P6 from C5, no ReLU before P7, its anchors)")  # fmt: skip
+    load_state(model, state, f"{side} checkpoint {str(path)!r}", side)
 
 
-def load_state(model: nn.Module, state: dict[str, Tensor], source: str, side: str = "teacher", hint: str = "") -> None:
+def load_state(model: nn.Module, state: dict[str, Tensor], source: str, side: str = "teacher") -> None:
     """Load ``state`` into ``model`` strictly; any missing, unexpected or mis-shaped key is an error naming
     ``source`` that lists them. BatchNorm batch counters are not compared (torchvision's frozen BatchNorm has
     none; only ``momentum=None`` reads them)."""
@@ -77,7 +78,7 @@ def load_state(model: nn.Module, state: dict[str, Tensor], source: str, side: st
         if state[key].shape != expected[key].shape
     )
     if missing or unexpected or mis_shaped:
-        parts = [f"{source} does not match the configured {side} architecture" + (f" ({hint})" if hint else "")]
+        parts = [f"{source} does not match the configured {side} architecture"]
         for title, keys in (("missing", missing), ("unexpected", unexpected), ("wrong shape", mis_shaped)):
             if keys:
                 more = f" … (+{len(keys) - 8} more)" if len(keys) > 8 else ""

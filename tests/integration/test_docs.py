@@ -82,3 +82,42 @@ def test_nothing_in_the_repository_points_outside_it():
             continue
         found += [f"{name}: {match.group(0)}" for match in outside.finditer(text)]
     assert not found, found
+
+
+def _classes_with_arguments(node) -> list[tuple[str, dict]]:
+    """Every ``{class_path, init_args}`` mapping in a parsed YAML example, nested ones included."""
+    found = []
+    if isinstance(node, dict):
+        if isinstance(node.get("class_path"), str):
+            found.append((node["class_path"], node.get("init_args") or {}))
+        for value in node.values():
+            found += _classes_with_arguments(value)
+    elif isinstance(node, list):
+        for value in node:
+            found += _classes_with_arguments(value)
+    return found
+
+
+@pytest.mark.parametrize("page", PAGES, ids=lambda path: path.name)
+def test_every_class_in_a_yaml_example_takes_the_arguments_it_is_given(page):
+    """A YAML example copied from the docs must not fail on a misspelt argument (``encoder`` for
+    ``encoder_name``): every class_path imports and takes every init_args key."""
+    import importlib
+    import inspect
+
+    import yaml
+
+    examples = re.findall(r"```yaml\n(.*?)```", page.read_text(), flags=re.S)
+    for example in examples:
+        try:
+            parsed = yaml.safe_load(example)
+        except yaml.YAMLError:
+            continue  # an excerpt with placeholders, not a whole document
+        for class_path, arguments in _classes_with_arguments(parsed):
+            module, _, name = class_path.rpartition(".")
+            target = getattr(importlib.import_module(module), name)
+            parameters = inspect.signature(target).parameters
+            if any(p.kind is p.VAR_KEYWORD for p in parameters.values()):
+                continue
+            unknown = sorted(set(arguments) - set(parameters))
+            assert not unknown, f"{page.name}: {class_path} has no argument(s) {unknown}"

@@ -118,8 +118,14 @@ def test_misdeclared_teachers_fail_naming_the_key(teacher_file, unet_teacher):
     with pytest.raises(ValueError, match=r"term 'x': from_teacher 'vit' is not a teacher of this run "
                                          r"\(teachers: teacher, unet\)"):  # fmt: skip
         _module(teacher_file, unet_teacher, terms=[term])
-    with pytest.raises(ValueError, match=r"model.teachers: unet read by no term"):
+    with pytest.raises(ValueError, match=r"model.teachers.unet: read by no term"):
         _module(teacher_file, unet_teacher, terms=_terms()[:1])
+    with pytest.raises(ValueError, match=r"^model.teacher: read by no term"):
+        _module(teacher_file, unet_teacher, terms=_terms()[1:])
+    with pytest.raises(ValueError, match=r"model.teachers are set but model.terms are not"):
+        _module(teacher_file, unet_teacher, terms=[])
+    with pytest.raises(ValueError, match=r"model.teacher_checkpoints: model.teacher's weights go in"):
+        _module(teacher_file, unet_teacher, checkpoints={"unet": str(unet_teacher), "teacher": str(teacher_file)})
     with pytest.raises(ValueError, match=r"model.teacher_checkpoints: vit names no teacher"):
         _module(teacher_file, unet_teacher, checkpoints={"unet": str(unet_teacher), "vit": str(unet_teacher)})
     with pytest.raises(ValueError, match=r"model.teachers.unet is set but model.teacher_checkpoints.unet is not"):

@@ -20,6 +20,11 @@ def test_a_saved_segformer_loads_with_its_weights_or_at_random_init(tmp_path):
     assert logits.shape == (2, 11, 8, 8)  # SegFormer's logits at 1/4
     assert dict(teacher.named_modules())["model.decode_head.classifier"].out_channels == 11
     assert SegmentationTask(11, example_size=32).output_classes(teacher) == 11
+    from transformers import SegformerForSemanticSegmentation
+
+    saved = SegformerForSemanticSegmentation.from_pretrained(folder).state_dict()  # the library's own loading
+    state = teacher.model.state_dict()
+    assert sorted(state) == sorted(saved) and all(torch.equal(state[key], saved[key]) for key in saved)
     random = huggingface_model(str(folder), pretrained=False)
     assert not hasattr(random, "pretrained_source")
     assert not torch.equal(random.model.decode_head.classifier.weight, teacher.model.decode_head.classifier.weight)

@@ -78,3 +78,9 @@ def test_a_student_starts_from_an_mmseg_checkpoint(tmp_path):
                                       checkpoint=str(tmp_path / "deeplabv3_r18-d8.pth"))  # fmt: skip
     converted = mmseg_to_dilated(state, "fixture")
     assert all(torch.equal(student.state_dict()[key], value) for key, value in converted.items())
+    # built so, the network is a teacher with weights: it needs no teacher_checkpoint
+    assert student.pretrained_source == "checkpoint deeplabv3_r18-d8.pth"
+    from cwd_lightning.distill.teacher import prepare_teachers
+
+    (fingerprint,) = prepare_teachers({"teacher": student}, {}).values()
+    assert fingerprint

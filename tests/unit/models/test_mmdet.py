@@ -53,7 +53,8 @@ def test_an_mmdet_retinanet_file_gives_mmdets_head_outputs_and_anchors(tmp_path)
     assert head["cls_logits"].shape == (1, 86 * 9, 81) and head["bbox_regression"].shape == deltas.shape
     assert (head["cls_logits"][..., 1:] - scores).abs().max() <= 1e-5
     assert (head["bbox_regression"] - deltas).abs().max() <= 1e-5
-    assert torch.all(head["cls_logits"][..., 0] == BACKGROUND_BIAS)  # the background never fires
+    assert torch.all(head["cls_logits"][..., 0] == BACKGROUND_BIAS)  # the background never fires:
+    assert torch.sigmoid(torch.tensor(BACKGROUND_BIAS)).item() == pytest.approx(0.01, rel=1e-6)  # at most 1 %
 
     maps = [torch.empty(1, 256, *grid) for grid in expected["anchor_grids"]]
     (anchors,) = detector.anchor_generator(ImageList(torch.empty(1, 3, 160, 224), [(160, 224)]), maps)
@@ -117,7 +118,12 @@ def test_an_odd_mmdet_file_is_refused_naming_the_key(tmp_path):
     with pytest.raises(ValueError, match=r"missing keys \(1\): head\.regression_head\.bbox_reg\.bias"):
         build_detector("retinanet", "resnet50", 80, backbone_weights=None,
                        checkpoint=str(_zoo_file(tmp_path, drop="bbox_head.retina_reg.bias")))  # fmt: skip
-    torchvision_layout = build_detector("retinanet", "resnet50", 80, backbone_weights=None)
-    refused = r"an mmdetection RetinaNet file: give it to the builder.*\n.*wrong shape keys \(1\): backbone\.fpn\.extra"
-    with pytest.raises(ValueError, match=refused):
-        load_weights(torchvision_layout, _zoo_file(tmp_path))
+
+
+@pytest.mark.parametrize("p6_from", ["p5", "c5"])
+def test_an_mmdet_file_as_teacher_checkpoint_is_refused_even_when_its_keys_fit(tmp_path, p6_from):
+    """In mmdet's P6 layout the file's keys fit, but P7's input and the anchors would still be torchvision's:
+    only the builder's checkpoint: builds the layout from the file."""
+    detector = build_detector("retinanet", "resnet50", 80, backbone_weights=None, p6_from=p6_from)
+    with pytest.raises(ValueError, match=r"is an mmdetection RetinaNet file: give it to the builder"):
+        load_weights(detector, _zoo_file(tmp_path))

@@ -37,11 +37,16 @@ def test_a_cnn_gives_its_stages_with_the_weights_of_its_state_dict(tmp_path):
         timm_features("resnet18", checkpoint=str(tmp_path / "odd.pt"))
 
 
-def test_a_vit_goes_through_vit_features():
-    model = timm_features("vit_tiny_patch16_224", out_indices=[0], timm_args={"img_size": 32, "patch_size": 8,
-                          "embed_dim": 32, "depth": 2, "num_heads": 2})  # fmt: skip
+def test_a_vit_goes_through_vit_features(tmp_path):
+    timm_args = {"img_size": 32, "patch_size": 8, "embed_dim": 32, "depth": 2, "num_heads": 2}
+    model = timm_features("vit_tiny_patch16_224", out_indices=[0], timm_args=timm_args)
     assert isinstance(model, VitFeatureMaps) and model.blocks == [0]
     assert model(torch.randn(1, 3, 32, 32))["features"].shape == (1, 32, 4, 4)
+    torch.manual_seed(1)
+    whole = timm.create_model("vit_tiny_patch16_224", num_classes=10, **timm_args)
+    torch.save(whole.state_dict(), tmp_path / "vit.pt")  # with its classifier (head.*), left out
+    loaded = timm_features("vit_tiny_patch16_224", checkpoint=str(tmp_path / "vit.pt"), timm_args=timm_args)
+    assert torch.equal(loaded.vit.cls_token, whole.cls_token) and loaded.pretrained_source.endswith("vit.pt")
 
 
 def test_cwd_distils_a_cnn_teachers_last_stage(tmp_path):
