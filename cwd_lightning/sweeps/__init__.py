@@ -7,11 +7,22 @@ result file ``results/<table>/<row>/seed<k>.json`` (best and last validation met
 hardware, commit, teacher fingerprint, digest of the resolved config; ``runs/provenance.py``). Runs whose
 result exists for the same resolved config and teacher are skipped, so an interrupted sweep resumes and
 a table can be filled on several machines by committing the result files. ``markdown.py`` writes
-``results/<table>_table.md`` (mean ± std over seeds, Δ vs the baseline row) and a W&B table.
+``results/<table>_table.md`` (mean ± std over seeds, Δ vs the baseline row) and a W&B table. A table with a
+``budget`` compares at equal compute: every row trains for the same seconds of its training loop, and the
+steps it reached are a column.
 """
 
 from cwd_lightning.sweeps.markdown import write_markdown
 from cwd_lightning.sweeps.runner import current_result, run_table, teacher_fingerprint
-from cwd_lightning.sweeps.spec import Row, Table, check_same_recipe
+from cwd_lightning.sweeps.spec import Budget, Row, Table, check_same_recipe
 
-__all__ = ["Row", "Table", "check_same_recipe", "current_result", "run_table", "teacher_fingerprint", "write_markdown"]
+__all__ = [
+    "Budget",
+    "Row",
+    "Table",
+    "check_same_recipe",
+    "current_result",
+    "run_table",
+    "teacher_fingerprint",
+    "write_markdown",
+]

@@ -31,11 +31,14 @@ def table_rows(table: Table, results: Path) -> list[dict[str, Any]]:
         values = [r["best"] for r in done]
         mean, std = mean_std(values) if values else (None, None)
         cpu = [r["cpu_s"] for r in done if "cpu_s" in r]
+        per_step = [r["train_s"] / r["steps"] for r in done if r.get("train_s") and r.get("steps")]
         rows.append({
             "row": row.name, "label": row.label, "n": len(values), "mean": mean, "std": std,
             "delta": mean - base_mean if values and base_mean is not None and row.name != table.baseline else None,
             "values": values, "wall_s": statistics.fmean(r["wall_s"] for r in done) if done else None,
             "cpu_s": statistics.fmean(cpu) if cpu else None,
+            "steps": statistics.fmean(r["steps"] for r in done) if done else None,
+            "step_s": statistics.fmean(per_step) if per_step else None,
         })  # fmt: skip
     return rows
 
@@ -54,7 +57,7 @@ def write_markdown(table: Table, results: Path) -> Path:
         f"Δ = mean − mean of `{table.baseline}`. Written by `python -m cwd_lightning.sweeps` from "
         f"`results/{table.name}/*/seed*.json` ({len(everything)} of {len(table.rows) * len(table.seeds)} runs done).",
         "",
-        f"- arguments shared by every row: `{' '.join(table.args) or '(none)'}`",
+        f"- arguments shared by every row: `{' '.join(table.shared_args) or '(none)'}`",
         f"- commit(s): {', '.join(sorted({r['commit'] for r in everything})) or '–'}",
         f"- hardware: {'; '.join(sorted({r['hardware'] for r in everything})) or '–'}",
         f"- runs side by side (each with cores/runs threads): {', '.join(side_by_side) or '–'}; "
@@ -62,16 +65,23 @@ def write_markdown(table: Table, results: Path) -> Path:
         f"- teacher fingerprint(s): {', '.join(teachers) or '–'}",
         "",
     ]  # fmt: skip
+    budget = table.budget
+    if budget is not None:
+        lines[-1:-1] = [f"- equal compute: every row trains for {budget.seconds:g} s of its training loop "
+                        f"({budget.clock} clock, measured by the run), its schedules over that budget; "
+                        "the steps it reached and its training seconds per step are columns"]  # fmt: skip
     rows = []
     for row in table_rows(table, results):
         if not row["n"]:
-            rows.append([row["label"], 0, None, None, None, None, None])
+            rows.append([row["label"], 0, *[None] * (7 if budget else 5)])
             continue
         delta = f"{row['delta']:+.4f}" if row["delta"] is not None else ""
         seeds = ", ".join(f"{v:.4f}" for v in row["values"])
-        rows.append([row["label"], row["n"], f"{row['mean']:.4f} ± {row['std']:.4f}", delta, seeds,
+        compute = [f"{row['steps']:.0f}", f"{row['step_s']:.3f} s" if row["step_s"] else None] if budget else []
+        rows.append([row["label"], row["n"], f"{row['mean']:.4f} ± {row['std']:.4f}", delta, seeds, *compute,
                      duration(row["wall_s"]), duration(row["cpu_s"])])  # fmt: skip
-    columns = ["method", "runs", f"{metric} mean ± std", "Δ vs baseline", "per seed", "wall time / run",
+    columns = ["method", "runs", f"{metric} mean ± std", "Δ vs baseline", "per seed",
+               *(["steps reached", "training time / step"] if budget else []), "wall time / run",
                "CPU time / run"]  # fmt: skip
     lines += markdown_table(columns, rows)
     path = results / f"{table.name}_table.md"

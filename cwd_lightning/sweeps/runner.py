@@ -29,7 +29,8 @@ def resolved_config(row: Row, table: Table, experiments: Path) -> dict:
     changed YAML, default or argument changes it, and so the digest of the run's identity."""
     from cwd_lightning.cli import DistillCLI
 
-    args = ["fit", "--config", str(experiments / f"{row.config}.yaml"), *table.args, *row.args, "--print_config"]
+    args = ["fit", "--config", str(experiments / f"{row.config}.yaml"), *table.shared_args, *row.args,
+            "--print_config"]  # fmt: skip
     printed, errors = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(printed), contextlib.redirect_stderr(errors):
         try:
@@ -75,7 +76,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
     command = [sys.executable, "-m", "cwd_lightning", "fit", "--config", str(experiments / f"{row.config}.yaml"),
                "--experiment", run_dir.name, "--runs_root", str(runs), "--group", table.name,
                "--seed_everything", str(seed),
-               "--trainer.enable_progress_bar", "false", *table.args, *row.args]  # fmt: skip
+               "--trainer.enable_progress_bar", "false", *table.shared_args, *row.args]  # fmt: skip
     print(f"[{table.name}] {row.name} seed {seed}: {' '.join(command[2:])}", flush=True)
     runs.mkdir(parents=True, exist_ok=True)
     code_version = commit()  # the code the run starts with
@@ -91,6 +92,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
                            f"see {runs / f'{run_dir.name}.log'}")  # fmt: skip
     checkpoint = load_weights_only(run_dir / "best.ckpt", "run checkpoint")
     best = next(state for state in checkpoint["callbacks"].values() if state.get("monitor"))  # best.ckpt's callback
+    final = load_weights_only(run_dir / "last.ckpt", "run checkpoint")  # where the run ended
     result = {
         "table": table.name,
         "row": row.name,
@@ -99,7 +101,9 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
         "metric": best["monitor"],
         "best": float(best["best_model_score"]),
         "last": load_run(run_dir).final(best["monitor"]),
-        "steps": int(checkpoint.get("global_step", 0)),
+        "steps": int(final.get("global_step", 0)),
+        "best_step": int(checkpoint.get("global_step", 0)),
+        **({"train_s": round(final["time_budget"]["elapsed"], 2)} if "time_budget" in final else {}),
         "wall_s": round(wall, 1),
         "cpu_s": round(usage.ru_utime + usage.ru_stime, 1),
         "hardware": hardware(),
@@ -108,7 +112,7 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
         "commit": code_version,
         "teacher_fingerprint": checkpoint.get("teacher_fingerprint"),
         "config": row.config,
-        "args": [*table.args, *row.args],
+        "args": [*table.shared_args, *row.args],
         "config_digest": digest,
         "resolved_config": config,
         "finished": time.strftime("%Y-%m-%d %H:%M:%S"),

@@ -22,6 +22,19 @@ class Row:
 
 
 @dataclass
+class Budget:
+    """``budget`` of a table: every row trains for the same ``seconds`` of its training loop (measured by the
+    run itself, ``clock`` as ``model.time_budget``) instead of the same steps; its schedules span the budget."""
+
+    seconds: float
+    clock: str = "process"
+
+    def args(self) -> list[str]:
+        return ["--model.time_budget.seconds", str(self.seconds), "--model.time_budget.clock", self.clock,
+                "--trainer.max_steps", "-1", "--trainer.max_epochs", "-1"]  # fmt: skip
+
+
+@dataclass
 class Table:
     name: str
     title: str
@@ -30,6 +43,12 @@ class Table:
     args: list[str] = field(default_factory=list)  # shared by every row
     baseline: str = "baseline"
     notes: str = ""
+    budget: Budget | None = None
+
+    @property
+    def shared_args(self) -> list[str]:
+        """The arguments every row gets: the table's, then those of its budget."""
+        return [*self.args, *(self.budget.args() if self.budget is not None else [])]
 
     @classmethod
     def load(cls, path: str | Path) -> Table:
@@ -49,6 +68,14 @@ class Table:
         names = [row.name for row in rows]
         if len(set(names)) != len(names):
             raise ValueError(f"{path}: row names must be unique, got {names}")
+        budget = spec.get("budget")
+        if budget is not None:
+            if not isinstance(budget, dict) or set(budget) - {"seconds", "clock"} or "seconds" not in budget:
+                raise ValueError(f"{path}: budget needs seconds (may set clock: process|wall|auto), got {budget}")
+            if any(arg in ("--trainer.max_steps", "--trainer.max_epochs") for arg in spec.get("args", [])):
+                raise ValueError(f"{path}: a table with a budget ends its runs by time; drop --trainer.max_steps / "
+                                 "--trainer.max_epochs from its args")  # fmt: skip
+            budget = Budget(float(budget["seconds"]), str(budget.get("clock", "process")))
         table = cls(
             name=spec["name"],
             title=spec.get("title", spec["name"]),
@@ -57,6 +84,7 @@ class Table:
             args=[str(a) for a in spec.get("args", [])],
             baseline=spec.get("baseline", "baseline"),
             notes=spec.get("notes", ""),
+            budget=budget,
         )
         if table.baseline not in names:
             raise ValueError(f"{path}: baseline row {table.baseline!r} is not among the rows {names}")

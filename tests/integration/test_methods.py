@@ -132,3 +132,29 @@ def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, 
     run_table(table, REPO / "experiments", runs, results)  # everything done: nothing re-runs
     assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
     assert len(list((runs / "tables" / "tiny").glob("*_seed*.log"))) == 4
+
+
+@pytest.mark.slow
+def test_a_table_at_equal_compute_gives_every_row_its_budget(teacher_run, tiny_shapes, tmp_path):
+    from cwd_lightning.sweeps.runner import run_table
+    from cwd_lightning.sweeps.spec import Table
+
+    _, teacher_dir, _, _ = teacher_run
+    shared = ["--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
+              "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), *tiny_overrides(tiny_shapes, 2),
+              "--trainer.callbacks", "[]"]  # fmt: skip
+    limit = shared.index("--trainer.max_steps")
+    del shared[limit : limit + 2]  # the budget ends the runs
+    table_file = tmp_path / "budget.yaml"
+    table_file.write_text(yaml.safe_dump({
+        "name": "budget", "seeds": [0], "args": shared, "baseline": "baseline", "budget": {"seconds": 3},
+        "rows": [{"name": "baseline", "config": "shapes_student"}, {"name": "cwd", "config": "shapes_cwd"}],
+    }))  # fmt: skip
+    results = tmp_path / "results"
+    report = run_table(Table.load(table_file), REPO / "experiments", tmp_path / "runs", results)
+    found = {row: json.loads((results / f"budget/{row}/seed0.json").read_text()) for row in ("baseline", "cwd")}
+    for result in found.values():
+        assert result["train_s"] >= 3.0 and result["steps"] >= 1
+        assert "--model.time_budget.seconds" in result["args"]
+    text = report.read_text()
+    assert "steps reached" in text and "training time / step" in text and "every row trains for 3 s" in text

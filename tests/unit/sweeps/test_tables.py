@@ -38,6 +38,20 @@ def test_a_table_file_loads_and_bad_ones_name_the_fault(tmp_path):
         Table.load(tmp_path / "none.yaml")
 
 
+def test_a_budget_table_gives_every_row_the_budget_and_no_step_limit(tmp_path):
+    spec = {"name": "t", "seeds": [0], "rows": ROWS, "budget": {"seconds": 90}, "args": ["--trainer.callbacks", "[]"]}
+    table = Table.load(_write(tmp_path, spec))
+    assert table.budget.seconds == 90.0 and table.budget.clock == "process"
+    assert table.shared_args == ["--trainer.callbacks", "[]", "--model.time_budget.seconds", "90.0",
+                                 "--model.time_budget.clock", "process", "--trainer.max_steps", "-1",
+                                 "--trainer.max_epochs", "-1"]  # fmt: skip
+    assert Table.load(_write(tmp_path, {**spec, "budget": None})).shared_args == spec["args"]
+    for budget, args, message in [({"minutes": 3}, [], "budget needs seconds"),
+                                  ({"seconds": 9}, ["--trainer.max_steps", "9"], "ends its runs by time")]:  # fmt: skip
+        with pytest.raises(ValueError, match=message):
+            Table.load(_write(tmp_path, {**spec, "budget": budget, "args": args}))
+
+
 def test_rows_must_share_one_recipe(tmp_path):
     table = Table.load(_write(tmp_path, {"name": "t", "seeds": [0], "rows": ROWS}))
     baseline = {"trainer": {"max_steps": 10}, "model": {"student": "S", "terms": None}}
