@@ -16,6 +16,7 @@ from tests.helpers import REPO, tiny_cli, tiny_overrides
 
 METHOD_FILES = [
     *sorted((REPO / "experiments" / "methods").glob("shapes_*.yaml")),
+    *sorted((REPO / "experiments" / "recipes").glob("shapes_*.yaml")),
     REPO / "experiments" / "shapes_cwd.yaml",
 ]
 
@@ -27,7 +28,8 @@ def test_every_method_file_is_listed_in_a_table():
     listed = set()
     for table in (REPO / "experiments" / "tables").glob("*.yaml"):
         listed |= {row["config"] for row in yaml.safe_load(table.read_text())["rows"]}
-    assert {f"methods/{path.stem}" for path in METHOD_FILES if path.parent.name == "methods"} <= listed
+    files = {f"{path.parent.name}/{path.stem}" for path in METHOD_FILES if path.parent.name in ("methods", "recipes")}
+    assert files <= listed
 
 
 @pytest.mark.slow
