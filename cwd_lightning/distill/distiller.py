@@ -81,6 +81,14 @@ class DistillPair(nn.Module):
         """Log name: ``<term>`` or ``<term>/<label>``."""
         return f"{self.term_name}/{self.label}" if self.label else self.term_name
 
+    def teacher_tapped(self, teacher_recorder: ForwardRecorder) -> Tensor:
+        """The recorded teacher tensor alone (what a loss's preparation reads)."""
+        module, key = split_path(self.teacher_path)
+        where = f" (call {self.call})" if self.call is not None else ""
+        return select(
+            teacher_recorder.get(module, self.call), key, f"{teacher_recorder.side} {self.teacher_path!r}{where}"
+        )
+
     def tapped(self, student_recorder: ForwardRecorder, teacher_recorder: ForwardRecorder) -> tuple[Tensor, Tensor]:
         where = f" (call {self.call})" if self.call is not None else ""
         tensors = []
@@ -280,10 +288,18 @@ class Distiller(nn.Module):
     def auxiliary_parameter_ids(self) -> set[int]:
         return {id(p) for pair in self.auxiliary_pairs() for p in pair.loss.auxiliary_parameters()}
 
+    def preparing_pairs(self) -> list[DistillPair]:
+        """The pairs whose loss prepares modules of its own on the teacher and has not done so yet."""
+        return [pair for pair in self.iter_pairs() if pair.declared.prepares and not bool(pair.loss.prepared)]
+
+    def prepared_parameter_ids(self) -> set[int]:
+        return {id(p) for pair in self.iter_pairs() if pair.declared.prepares for p in pair.loss.prepare_parameters()}
+
     def trainable_parameters(self) -> list[nn.Parameter]:
-        """Connectors and the losses' own modules, without what a second optimiser trains."""
-        auxiliary = self.auxiliary_parameter_ids()
-        return [p for p in self.parameters() if p.requires_grad and id(p) not in auxiliary]
+        """Connectors and the losses' own modules, without what a second optimiser trains or a preparation
+        trained (frozen since)."""
+        excluded = self.auxiliary_parameter_ids() | self.prepared_parameter_ids()
+        return [p for p in self.parameters() if p.requires_grad and id(p) not in excluded]
 
 
 class _DeclarationError(ValueError):

@@ -13,6 +13,7 @@ from torch import Tensor, nn
 from cwd_lightning.distill.budget import TimeBudget, TrainingClock
 from cwd_lightning.distill.distiller import Distiller, StepContext
 from cwd_lightning.distill.guards import NonFiniteGuard
+from cwd_lightning.distill.preparation import prepare_losses
 from cwd_lightning.distill.schedules import VIRTUAL_STEPS, Schedule, advance_to, build_schedule
 from cwd_lightning.distill.speed import SpeedSwitches
 from cwd_lightning.distill.teacher import (
@@ -357,6 +358,12 @@ class DistillationModule(L.LightningModule):
     def setup(self, stage: str) -> None:
         if stage == "fit" and self.teacher_cache is not None:
             serve_cache_views(self.teacher_cache, self.trainer.datamodule)
+
+    def on_train_start(self) -> None:
+        """The losses' preparations on the teacher, once, before the first step (a resumed run has them from its
+        checkpoint)."""
+        if self.distiller is not None and self.distiller.preparing_pairs():
+            prepare_losses(self)
 
     def on_fit_start(self) -> None:
         self.guard.check_distributed(self.trainer.world_size)

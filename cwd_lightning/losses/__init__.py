@@ -1,5 +1,6 @@
 """Distillation losses, one file per method: pure functions of (student, teacher) tensors, or modules
-that declare what more they need (labels, modules of their own, an optimiser of their own; see base.py)."""
+that declare what more they need (labels, modules of their own, an optimiser of their own, a preparation on the
+teacher; see base.py)."""
 
 from cwd_lightning.losses.attention_transfer import AttentionTransfer
 from cwd_lightning.losses.base import DistillationLoss
@@ -11,6 +12,7 @@ from cwd_lightning.losses.fitnets import FitNets
 from cwd_lightning.losses.holistic import HolisticAdversarial
 from cwd_lightning.losses.ifvd import IntraClassFeatureVariation
 from cwd_lightning.losses.local_affinity import LocalAffinity
+from cwd_lightning.losses.maskd import MasKD
 from cwd_lightning.losses.mgd import MaskedGenerativeDistillation
 from cwd_lightning.losses.nfd import NormalizedFeatureDistillation
 from cwd_lightning.losses.pairwise_affinity import PairwiseAffinity
@@ -29,6 +31,7 @@ __all__ = [
     "HolisticAdversarial",
     "IntraClassFeatureVariation",
     "LocalAffinity",
+    "MasKD",
     "MaskedGenerativeDistillation",
     "NormalizedFeatureDistillation",
     "PairwiseAffinity",

@@ -15,6 +15,11 @@ more declares it:
 - **own optimiser**: a loss whose ``auxiliary_optimizer`` is set also trains ``auxiliary_parameters()`` on
   ``auxiliary_loss(student, teacher)`` with a second optimiser (an adversarial discriminator): one update
   after each student update, on detached maps.
+- **preparation**: a loss with ``prepare_steps > 0`` trains ``prepare_parameters()`` on the teacher alone
+  before distillation starts: ``prepare_steps`` updates of ``prepare_optimizer`` on
+  ``prepare_loss(teacher, **context)``, over the training data, the student not run (MasKD's mask tokens). It
+  is done once: the loss's ``prepared`` buffer is set after it, saved in checkpoints with the parameters, so a
+  resumed run does not prepare again. The prepared parameters are frozen afterwards (no optimiser has them).
 """
 
 from __future__ import annotations
@@ -46,6 +51,19 @@ class DistillationLoss(nn.Module):
         """The loss minimised by the second optimiser; both inputs are detached."""
         raise NotImplementedError(f"{type(self).__name__} declares no auxiliary loss")
 
+    #: updates of the preparation on the teacher alone (0: none)
+    prepare_steps: int = 0
+    #: a callable ``params -> torch.optim.Optimizer`` for ``prepare_parameters()``
+    prepare_optimizer: Callable[..., torch.optim.Optimizer] | None = None
+
+    def prepare_parameters(self) -> list[nn.Parameter]:
+        """Parameters trained by the preparation only, frozen afterwards."""
+        return []
+
+    def prepare_loss(self, teacher: Tensor, **context) -> Tensor:
+        """The loss of the preparation, on the teacher's tensor alone (may take the context fields)."""
+        raise NotImplementedError(f"{type(self).__name__} declares no preparation")
+
 
 @dataclass(frozen=True)
 class Declaration:
@@ -53,6 +71,8 @@ class Declaration:
 
     context: tuple[str, ...]  # the context fields its forward takes
     auxiliary: bool  # whether it trains modules of its own with its own optimiser
+    prepares: bool = False  # whether it prepares modules of its own on the teacher before distillation
+    prepare_context: tuple[str, ...] = ()  # the context fields its prepare_loss takes
 
 
 def build_own_modules(loss: nn.Module, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
@@ -71,6 +91,33 @@ def declaration(loss: nn.Module, has_labels: bool) -> Declaration:
     tensors = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
     if len(tensors) < 2:
         raise TypeError(f"{name}.forward must take (student, teacher) tensors first")
+    context = _context_fields(name, "forward", parameters, tensors, has_labels)
+    auxiliary = getattr(loss, "auxiliary_optimizer", None) is not None
+    if auxiliary:
+        method = getattr(type(loss), "auxiliary_loss", None)
+        if not callable(method) or method is DistillationLoss.auxiliary_loss or not loss.auxiliary_parameters():
+            raise TypeError(f"{name} sets auxiliary_optimizer but has no auxiliary_loss() or no "
+                            "auxiliary_parameters() (see losses/base.py)")  # fmt: skip
+    prepares = int(getattr(loss, "prepare_steps", 0) or 0) > 0
+    prepare_context: tuple[str, ...] = ()
+    if prepares:
+        method = getattr(type(loss), "prepare_loss", None)
+        if (
+            method is None
+            or method is DistillationLoss.prepare_loss
+            or not loss.prepare_parameters()
+            or loss.prepare_optimizer is None
+            or not isinstance(getattr(loss, "prepared", None), torch.Tensor)
+        ):
+            raise TypeError(f"{name} sets prepare_steps but lacks prepare_loss(), prepare_parameters(), "
+                            "prepare_optimizer or its prepared buffer (see losses/base.py)")  # fmt: skip
+        prepare = list(inspect.signature(loss.prepare_loss).parameters.values())
+        prepare_context = _context_fields(name, "prepare_loss", prepare, prepare[:1], has_labels)
+    return Declaration(context, auxiliary, prepares, prepare_context)
+
+
+def _context_fields(name: str, method: str, parameters: list, tensors: list, has_labels: bool) -> tuple[str, ...]:
+    """The context fields a method asks for; a required parameter the engine cannot fill is an error."""
     context = []
     for parameter in parameters:
         if parameter in tensors or parameter.kind in (parameter.VAR_POSITIONAL, parameter.VAR_KEYWORD):
@@ -81,13 +128,7 @@ def declaration(loss: nn.Module, has_labels: bool) -> Declaration:
                 raise ValueError(f"{name} needs ground-truth labels, and this task has no dense labels")
         elif parameter.default is parameter.empty:
             raise TypeError(
-                f"{name}.forward needs {parameter.name!r}, which the engine cannot give; "
+                f"{name}.{method} needs {parameter.name!r}, which the engine cannot give; "
                 f"a loss can ask for the two tensors and {', '.join(CONTEXT_FIELDS)}"
             )
-    auxiliary = getattr(loss, "auxiliary_optimizer", None) is not None
-    if auxiliary:
-        method = getattr(type(loss), "auxiliary_loss", None)
-        if not callable(method) or method is DistillationLoss.auxiliary_loss or not loss.auxiliary_parameters():
-            raise TypeError(f"{name} sets auxiliary_optimizer but has no auxiliary_loss() or no "
-                            "auxiliary_parameters() (see losses/base.py)")  # fmt: skip
-    return Declaration(tuple(context), auxiliary)
+    return tuple(context)
