@@ -12,9 +12,12 @@ identity is hashed (``runs/identity.py``). For every ``results/<table>/<row>/see
 4. writes the current resolved config and its identity digest into the file, with a record of what changed
    appended to its ``migrations``.
 
-``python scripts/migrate_results.py`` (``--check`` only reports). Run at the redesign, and again when several
-teachers added keys at their defaults (``terms[i].from_teacher``, ``model.teachers``, ``model.teacher_checkpoints``);
-kept as the record of how the files were migrated.
+``python scripts/migrate_results.py`` (``--check`` only reports). Run at the redesign, again when several
+teachers added keys at their defaults (``terms[i].from_teacher``, ``model.teachers``, ``model.teacher_checkpoints``)
+and when weight schedules, calibration, the time budget and logit standardisation did (``terms[i].schedule``,
+``terms[i].calibration``, ``model.time_budget``, ``ChannelWiseDivergence.standardize``); kept as the record of
+how the files were migrated. Keys at their defaults leave what a run computes unchanged; one code change did not:
+the holistic rows predate the fix that keeps the discriminator's state out of the student's step.
 """
 
 from __future__ import annotations
