@@ -2,6 +2,7 @@
 that declare what more they need (labels, modules of their own, an optimiser of their own, a preparation on the
 teacher; see base.py)."""
 
+from cwd_lightning.losses.afdcd import AfDCD
 from cwd_lightning.losses.attention_transfer import AttentionTransfer
 from cwd_lightning.losses.base import DistillationLoss
 from cwd_lightning.losses.channel_mean import ChannelMeanMSE
@@ -21,6 +22,7 @@ from cwd_lightning.losses.pkd import PKD
 
 __all__ = [
     "DIST",
+    "AfDCD",
     "PKD",
     "AttentionTransfer",
     "ChannelMeanMSE",

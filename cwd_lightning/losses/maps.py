@@ -1,5 +1,5 @@
-"""What the loss files share: shape checks of the compared N×C×H×W maps and of the labels, and fp32
-computation under mixed precision."""
+"""What the loss files share: shape checks of the compared N×C×H×W maps and of the labels, fp32 computation
+under mixed precision, and random masks that differ between DDP ranks."""
 
 from __future__ import annotations
 
@@ -7,6 +7,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 
 import torch
+import torch.distributed as dist
 from torch import Tensor
 
 
@@ -37,3 +38,11 @@ def check_labels(name: str, labels: Tensor | None, student: Tensor) -> Tensor:
             f"{(student.shape[0], *student.shape[2:])}"
         )
     return labels.long()
+
+
+def rank_mask(batch: int, size: torch.Size, device: torch.device) -> Tensor:
+    """N×1×H×W uniform draws for this rank: every DDP rank holds the same RNG state (Lightning seeds them alike),
+    so each draws one set per rank and keeps its own; the ranks' RNGs stay in step, and a single process draws
+    exactly ``torch.rand(N, 1, H, W)``."""
+    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
+    return torch.rand(world, batch, 1, *size, device=device)[rank]

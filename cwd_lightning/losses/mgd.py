@@ -4,11 +4,10 @@ the official ``yzd-v/MGD seg/mmseg/distillation/losses/mgd.py``; its generator i
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 from torch import Tensor, nn
 
 from cwd_lightning.losses.base import DistillationLoss
-from cwd_lightning.losses.maps import check_maps, full_precision
+from cwd_lightning.losses.maps import check_maps, full_precision, rank_mask
 
 
 class MaskedGenerativeDistillation(DistillationLoss):
@@ -63,8 +62,3 @@ class MaskedGenerativeDistillation(DistillationLoss):
     def extra_repr(self) -> str:
         return f"mask_ratio={self.mask_ratio}"
 
-
-def rank_mask(batch: int, size: torch.Size, device: torch.device) -> Tensor:
-    """N×1×H×W uniform draws for this rank: one draw per rank from the shared RNG state, this rank's kept."""
-    rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
-    return torch.rand(world, batch, 1, *size, device=device)[rank]

@@ -14,7 +14,7 @@ from cwd_lightning.losses import (
     NormalizedFeatureDistillation,
     PairwiseAffinity,
 )
-from cwd_lightning.losses import mgd as mgd_module
+from cwd_lightning.losses import maps
 from tests.helpers import random_maps
 
 
@@ -99,7 +99,7 @@ def test_mgd_single_process_mask_is_the_plain_draw(monkeypatch):
     with torch.no_grad():
         expected = (loss.generator(loss.align(student) * keep) - teacher).pow(2).sum() / 2
     assert value == pytest.approx(expected.item(), rel=1e-6)
-    assert mgd_module.rank_mask(2, torch.Size((6, 6)), torch.device("cpu")).shape == (2, 1, 6, 6)
+    assert maps.rank_mask(2, torch.Size((6, 6)), torch.device("cpu")).shape == (2, 1, 6, 6)
 
 
 def test_holistic_student_step_leaves_the_discriminator_state_unchanged():
