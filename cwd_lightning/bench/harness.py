@@ -114,7 +114,7 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
     teacher_timing = time_step(
         teacher_forward_step(module, batch, options.precision), options.repeats, options.warmup, device
     )
-    # (c) the full distillation step, through DistillationModule.compute_losses
+    # (c) the full distillation step, through DistillationModule.step_losses
     distill_timing, distill_memory = measure_phase(
         lambda: distillation_step(module, batch, options.precision), options, device, memory
     )

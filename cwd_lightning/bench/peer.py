@@ -170,7 +170,8 @@ def _loss_check(module: DistillationModule, box: Any, images: Tensor, masks: Ten
     global RNG is reseeded before each), in train mode as in a step, without gradients."""
     with torch.no_grad():
         torch.manual_seed(0)
-        task_loss, _, distill_total, values, _ = module.compute_losses((images, masks), module.task.training_loss)
+        ours = module.step_losses((images, masks), module.task.training_loss)
+        task_loss, distill_total, values = ours.task, ours.distill, ours.values
         torch.manual_seed(0)
         theirs_total = float(box.forward_process(images, targets=masks))
     ours_total = float(task_loss + distill_total)

@@ -61,7 +61,7 @@ def teacher_forward_step(module: DistillationModule, batch: Any, precision: Prec
 
 
 def distillation_step(module: DistillationModule, batch: Any, precision: Precision, teachers: Any = None) -> Step:
-    """One full training step through ``DistillationModule.compute_losses`` (teacher recorded under no_grad,
+    """One full training step through ``DistillationModule.step_losses`` (teacher recorded under no_grad,
     or ``teachers``' tensors, student recorded, every term), then backward and the optimiser step over
     ``trainable_parameters``; a loss with an optimiser of its own (an adversarial discriminator) then takes
     its step as in ``_manual_update``. No learning-rate schedule: it costs nothing measurable."""
@@ -74,15 +74,13 @@ def distillation_step(module: DistillationModule, batch: Any, precision: Precisi
 
     def step() -> None:
         with autocast(module.device, precision):
-            task_loss, _, distill_total, _, auxiliary_losses = module.compute_losses(
-                batch, module.task.training_loss, teachers, auxiliary=bool(auxiliary)
-            )
+            losses = module.step_losses(batch, module.task.training_loss, teachers, auxiliary=bool(auxiliary))
         optimizer.zero_grad(set_to_none=True)
-        (task_loss + distill_total).backward()
+        (losses.task + losses.distill).backward()
         optimizer.step()
         for key, auxiliary_optimizer in auxiliary.items():
             auxiliary_optimizer.zero_grad(set_to_none=True)  # the student's backward also reached them
-            auxiliary_losses[key].backward()
+            losses.auxiliary[key].backward()
             auxiliary_optimizer.step()
 
     return step
@@ -99,9 +97,9 @@ def check_steps(module: DistillationModule, batch: Any, precision: Precision) ->
     BatchNorm statistics check before each validation and checkpoint (``non_finite_state``)."""
     module.train()
     with autocast(module.device, precision):
-        task_loss, _, distill_total, values, _ = module.compute_losses(batch, module.task.training_loss)
-    losses = (task_loss + distill_total, task_loss, *values.values())
-    (task_loss + distill_total).backward()
+        computed = module.step_losses(batch, module.task.training_loss)
+    losses = (computed.task + computed.distill, computed.task, *computed.values.values())
+    (computed.task + computed.distill).backward()
     gradients = [p.grad for p in module.trainable_parameters() if p.grad is not None]
     return {
         "loss_per_step": lambda: all(bool(torch.isfinite(value)) for value in losses),

@@ -7,6 +7,9 @@ from dataclasses import dataclass
 from typing import Any, Literal
 
 import torch
+from torch.optim.lr_scheduler import LRScheduler
+
+from cwd_lightning.distill.schedules import advance_to
 
 Clock = Literal["auto", "process", "wall"]
 
@@ -34,7 +37,10 @@ class TimeBudget:
 class TrainingClock:
     """The seconds spent in training steps so far (kept in the checkpoint, so a resumed run goes on counting)."""
 
-    def __init__(self, budget: TimeBudget) -> None:
+    def __init__(self, budget: TimeBudget, warmup_steps: int = 0) -> None:
+        if warmup_steps:
+            raise ValueError("model.warmup_steps: a schedule over model.time_budget has no step count; use "
+                             "lr_schedule: onecycle (its own warm-up) or 0")  # fmt: skip
         self.budget = budget
         self.elapsed = 0.0
         self._started: float | None = None
@@ -59,6 +65,12 @@ class TrainingClock:
             self.elapsed += self._now() - self._started
             self._started = None
 
+    def advance(self, scheduler: LRScheduler) -> None:
+        """Step a schedule built over the budget to the share spent (the time this takes is not counted)."""
+        self.stop()
+        advance_to(scheduler, self.progress)
+        self.start(self._device)
+
     @property
     def progress(self) -> float:
         """The share of the budget spent, 0…1."""
@@ -73,3 +85,30 @@ class TrainingClock:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.elapsed = float(state["elapsed"])
+
+
+class TimeBudgetSteps:
+    """The DistillationModule's hooks for ``time_budget`` (its ``clock``: None without one): the clock runs
+    through each training step, the learning-rate schedule follows the share spent, and the run stops once the
+    budget is spent (Lightning validates once more then)."""
+
+    clock: TrainingClock | None
+
+    def lr_scheduler_step(self, scheduler: Any, metric: Any) -> None:
+        """One step, or under a time budget: to the share of the budget spent."""
+        scheduler.step() if self.clock is None else self.clock.advance(scheduler)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self.clock is not None:
+            self.clock.start(self.device)
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        if self.clock is not None:
+            self.clock.stop()
+            self.log("train/budget_spent_s", self.clock.elapsed)
+            self.trainer.should_stop = self.trainer.should_stop or self.clock.spent  # validated once more
+
+    def check_budget_limits(self) -> None:
+        if self.clock is not None and self.trainer.max_steps != -1:
+            raise ValueError(f"model.time_budget ends the run, but trainer.max_steps is {self.trainer.max_steps}: "
+                             "set trainer.max_steps: -1 (and trainer.max_epochs: -1)")  # fmt: skip

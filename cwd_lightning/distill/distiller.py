@@ -1,4 +1,4 @@
-"""The distiller: recorders on both models, and one ``DistillPair`` (connector + loss) per compared pair.
+"""The distiller: recorders on both models, and one ``DistillPair`` (connector + loss, ``pairs.py``) per compared pair.
 
 Built once from a probe forward, so that every path, call, channel count, loss signature and shape is
 checked before training starts. At each step it turns the recorded tensors into Σ weight · loss.
@@ -6,19 +6,17 @@ checked before training starts. At each step it turns the recorded tensors into 
 
 from __future__ import annotations
 
-import copy
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
-from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
-from cwd_lightning.distill.connectors import build_connector, match_size
+from cwd_lightning.distill.connectors import build_connector
+from cwd_lightning.distill.pairs import DistillPair, StepContext
 from cwd_lightning.distill.recorder import ForwardRecorder
-from cwd_lightning.distill.terms import DistillTerm, pair_labels, select, split_path, teacher_side
+from cwd_lightning.distill.terms import DistillTerm, pair_labels, split_path, teacher_side
 from cwd_lightning.losses.base import Declaration, build_own_modules, declaration
 
 
@@ -33,81 +31,6 @@ def evaluating(*modules: nn.Module) -> Iterator[None]:
     finally:
         for module, mode in zip(modules, modes, strict=True):
             module.train(mode)
-
-
-@dataclass
-class StepContext:
-    """What the engine knows about the current batch, for losses that ask (see ``losses/base.py``)."""
-
-    labels: Tensor | None = None  # N×H×W at the input resolution
-    ignore_index: int | None = None
-    step: int = 0
-
-    def for_loss(self, fields: tuple[str, ...], size: torch.Size) -> dict[str, Any]:
-        values: dict[str, Any] = {}
-        for field in fields:
-            if field == "labels":
-                values["labels"] = self.labels_at(size)
-            else:
-                values[field] = getattr(self, field)
-        return values
-
-    def labels_at(self, size: torch.Size) -> Tensor | None:
-        """Labels nearest-resized to ``size`` (H×W), so the ignore index survives unchanged."""
-        if self.labels is None or self.labels.shape[-2:] == size:
-            return self.labels
-        return F.interpolate(self.labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
-
-
-class DistillPair(nn.Module):
-    """One compared pair of a term: where its tensors come from, and its own connector and loss."""
-
-    def __init__(self, term: DistillTerm, label: str, student_path: str, teacher_path: str, call: int | None) -> None:
-        super().__init__()
-        self.term_name = term.name
-        self.label = label
-        self.weight = term.weight
-        self.resize = term.resize
-        self.student_path = student_path
-        self.teacher_path = teacher_path
-        self.call = call
-        self.teacher_name = term.from_teacher
-        self.loss = copy.deepcopy(term.loss)  # each pair owns its loss (and whatever the loss builds)
-        self.connector: nn.Module | None = None
-        self.declared = Declaration(context=(), auxiliary=False)  # read from the loss when the term is built
-
-    @property
-    def key(self) -> str:
-        """Log name: ``<term>`` or ``<term>/<label>``."""
-        return f"{self.term_name}/{self.label}" if self.label else self.term_name
-
-    def teacher_tapped(self, teacher_recorder: ForwardRecorder) -> Tensor:
-        """The recorded teacher tensor alone (what a loss's preparation reads)."""
-        module, key = split_path(self.teacher_path)
-        where = f" (call {self.call})" if self.call is not None else ""
-        return select(
-            teacher_recorder.get(module, self.call), key, f"{teacher_recorder.side} {self.teacher_path!r}{where}"
-        )
-
-    def tapped(self, student_recorder: ForwardRecorder, teacher_recorder: ForwardRecorder) -> tuple[Tensor, Tensor]:
-        where = f" (call {self.call})" if self.call is not None else ""
-        tensors = []
-        for recorder, path in ((student_recorder, self.student_path), (teacher_recorder, self.teacher_path)):
-            module, key = split_path(path)
-            tensors.append(select(recorder.get(module, self.call), key, f"{recorder.side} {path!r}{where}"))
-        return tensors[0], tensors[1]
-
-    def aligned(self, student_recorder: ForwardRecorder, teacher_recorder: ForwardRecorder) -> tuple[Tensor, Tensor]:
-        """The recorded pair with the connector and resize applied: what the loss compares."""
-        student, teacher = self.tapped(student_recorder, teacher_recorder)
-        if self.connector is not None:
-            student = self.connector(student)
-        if self.resize is not None:
-            student, teacher = match_size(student, teacher, self.resize)
-        return student, teacher
-
-    def value(self, student: Tensor, teacher: Tensor, context: StepContext) -> Tensor:
-        return self.loss(student, teacher, **context.for_loss(self.declared.context, student.shape[-2:]))
 
 
 class Distiller(nn.Module):

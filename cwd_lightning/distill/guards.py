@@ -8,7 +8,7 @@ from collections.abc import Iterable
 from typing import Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 #: on_non_finite: skip gives up after this many non-finite batches in a row (a diverged model, not a bad batch)
 MAX_CONSECUTIVE_SKIPS = 20
@@ -107,3 +107,33 @@ class NonFiniteGuard:
 
     def load_state_dict(self, state: dict[str, int]) -> None:
         self.skipped_steps = int(state.get("skipped_steps", 0))
+
+
+def trained_tensors(modules: dict[str, nn.Module | None]) -> list[tuple[str, Tensor]]:
+    """Every parameter and buffer of the named modules (None: left out), as ``<name>.<path>``."""
+    return [(f"{prefix}.{name}", tensor) for prefix, module in modules.items() if module is not None
+            for name, tensor in [*module.named_parameters(), *module.named_buffers()]]  # fmt: skip
+
+
+class NonFiniteChecks:
+    """The DistillationModule's hooks of its ``guard``: the trained tensors checked before every validation
+    and (in ``on_save_checkpoint``) every checkpoint, the gradients before every update."""
+
+    def trained_tensors(self) -> list[tuple[str, Tensor]]:
+        """The trained weights and buffers (BatchNorm statistics): student, connectors, losses' own modules."""
+        return trained_tensors({"student": self.student, "distiller": self.distiller})
+
+    def non_finite_state(self) -> list[str]:
+        return self.guard.non_finite(self.trained_tensors())
+
+    def on_validation_start(self) -> None:
+        if self.trainer.state.fn == "fit":  # a diverged student is never validated, so never 'best'
+            self.guard.check_state(self.trained_tensors(), self.global_step, "before validation")
+
+    def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
+        """Not under DDP (``distill/guards.py``) nor under a 16-bit grad scaler, which skips such steps."""
+        if self.trainer.world_size > 1 or getattr(self.trainer.precision_plugin, "scaler", None) is not None:
+            return
+        names = {id(p): n for n, p in self.named_parameters()}
+        named = [(names.get(id(p), "?"), p.grad) for group in optimizer.param_groups for p in group["params"]]
+        self.guard.check_gradients(named, self.global_step)

@@ -160,3 +160,38 @@ class TeacherOutputs:
         for source in self.sources:
             source.record(batch)
         return batch[:-1] if self.cached else batch
+
+
+def teacher_files(
+    teacher: nn.Module | None,
+    teacher_checkpoint: str | None,
+    teachers: dict[str, nn.Module] | None,
+    teacher_checkpoints: dict[str, str] | None,
+    terms: list[Any] | None,
+) -> dict[str, str | None]:
+    """The weights file of each of a run's teachers by name (``teacher`` for ``model.teacher``), after the checks
+    of how they are declared; errors name the key at fault."""
+    if "teacher" in (teachers or {}):
+        raise ValueError("model.teachers: the name 'teacher' is model.teacher's; name the others otherwise")
+    if "teacher" in (teacher_checkpoints or {}):
+        raise ValueError("model.teacher_checkpoints: model.teacher's weights go in model.teacher_checkpoint")
+    if teachers and not terms:
+        raise ValueError("model.teachers are set but model.terms are not: no term would read them")
+    if terms and teacher is None and not teachers:
+        raise ValueError("model.terms are set but model.teacher is not: distillation needs a teacher")
+    return {**({"teacher": teacher_checkpoint} if teacher is not None else {}), **(teacher_checkpoints or {})}
+
+
+class FrozenTeachers:
+    """The DistillationModule's teachers (``teacher`` and the named ``teachers``): by name, and kept in eval mode
+    whatever mode Lightning puts the module in."""
+
+    def all_teachers(self) -> dict[str, nn.Module]:
+        """The run's teachers by name: ``teacher`` (``model.teacher``) and those of ``model.teachers``."""
+        return {**({"teacher": self.teacher} if self.teacher is not None else {}), **self.teachers}
+
+    def train(self, mode: bool = True) -> Any:
+        super().train(mode)
+        for teacher in self.all_teachers().values():
+            teacher.eval()
+        return self

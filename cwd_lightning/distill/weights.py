@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal
 
 import torch
-from torch import Tensor
+from torch import Tensor, nn
 
 Decay = Literal["none", "linear", "cosine", "step"]
 
@@ -182,3 +182,43 @@ def gradient_norm(loss: Tensor, parameters: list[torch.nn.Parameter]) -> Tensor 
     gradients = torch.autograd.grad(loss, parameters, retain_graph=True, allow_unused=True)
     squares = [g.detach().float().pow(2).sum() for g in gradients if g is not None]
     return torch.stack(squares).sum().sqrt() if squares else None
+
+
+def share_layer_parameters(student: nn.Module, terms: list[Any]) -> dict[str, list[nn.Parameter]]:
+    """The trained parameters of each gradient-share term's ``calibration.layer`` in the student."""
+    layers = {}
+    for term in terms:
+        if term.calibration is None or term.calibration.mode != "gradient_share":
+            continue
+        layer = term.calibration.layer
+        try:
+            module = student.get_submodule(layer)
+        except AttributeError:
+            raise ValueError(f"distillation term {term.name!r}: calibration.layer {layer!r} is not a module of the "
+                             "student") from None  # fmt: skip
+        layers[term.name] = [p for p in module.parameters() if p.requires_grad]
+        if not layers[term.name]:
+            raise ValueError(f"distillation term {term.name!r}: calibration.layer {layer!r} has no trained parameters")
+    return layers
+
+
+def calibrate(module: Any, step: int, losses: Any, weights: dict[str, float]) -> None:
+    """The calibrations' measurements of a finished step of ``module`` (a DistillationModule): they set the
+    weights of the following steps; the measured shares are logged as ``train/gradient_share/<term>``."""
+
+    def mean(value: Tensor) -> Tensor:
+        return module.trainer.strategy.reduce(value, reduce_op="mean")
+
+    term_weights = module.term_weights
+    term_weights.observe(step, losses.task, losses.terms, mean)
+    for name in term_weights.share_due(step, weights):
+        parameters = module.share_layers[name]
+        term_norm = gradient_norm(weights[name] * losses.terms[name], parameters)
+        if term_norm is None:
+            layer = term_weights.terms[name].calibration.layer
+            raise ValueError(f"distillation term {name!r}: its gradient does not reach calibration.layer {layer!r} "
+                             "of the student")  # fmt: skip
+        task_norm = gradient_norm(losses.task, parameters)
+        task_norm = torch.zeros(()) if task_norm is None else task_norm
+        share = term_weights.update_share(name, float(mean(term_norm)), float(mean(task_norm)))
+        module.log(f"train/gradient_share/{name}", share)

@@ -22,8 +22,8 @@ from cwd_lightning.losses.pkd import PKD
 
 __all__ = [
     "DIST",
-    "AfDCD",
     "PKD",
+    "AfDCD",
     "AttentionTransfer",
     "ChannelMeanMSE",
     "ChannelWiseDivergence",

@@ -61,4 +61,3 @@ class MaskedGenerativeDistillation(DistillationLoss):
 
     def extra_repr(self) -> str:
         return f"mask_ratio={self.mask_ratio}"
-

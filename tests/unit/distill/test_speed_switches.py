@@ -20,7 +20,8 @@ def setup(tiny_shapes, teacher_file):
 def _losses(module, batch, autocast: bool = False) -> dict[str, float]:
     module.eval()  # BatchNorm on running statistics: every variant sees the same normalisation
     with torch.no_grad(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
-        task, _, distill, values, _ = module.compute_losses(batch, module.task.training_loss)
+        losses = module.step_losses(batch, module.task.training_loss)
+        task, distill, values = losses.task, losses.distill, losses.values
     assert task.dtype == torch.float32 and distill.dtype == torch.float32  # losses in fp32 under autocast too
     return {"task": float(task), "distill": float(distill), **{k: float(v) for k, v in values.items()}}
 

@@ -32,9 +32,9 @@ def reference_contrast(generated, teacher, groups: int, pool: int, patch: int, t
             for left in range(0, w, patch):
                 cells = [(top + r, left + q, g) for r in range(patch) for q in range(patch) for g in range(groups)]
 
-                def vector(maps, cell):
+                def vector(maps, cell, image=image):
                     y, x, g = cell
-                    return maps[image, g * width:(g + 1) * width, y, x]
+                    return maps[image, g * width : (g + 1) * width, y, x]
 
                 for anchor in cells:
                     a = vector(generated, anchor)

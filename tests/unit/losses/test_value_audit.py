@@ -13,8 +13,8 @@ from cwd_lightning.losses import (
     MaskedGenerativeDistillation,
     NormalizedFeatureDistillation,
     PairwiseAffinity,
+    maps,
 )
-from cwd_lightning.losses import maps
 from tests.helpers import random_maps
 
 
