@@ -53,6 +53,10 @@ LOGITS_ONLY = {
     "DIST": "correlates per-pixel class distributions (softmax over classes): defined for class logits only",
     "HolisticAdversarial": "a discriminator of segmentation score maps: defined for class logits only",
 }
+#: losses defined on feature maps only: on class scores they are not a method of the paper
+FEATURES_ONLY = {
+    "AfDCD": "cuts the channels into 16 groups and the pooled map into 4×4 patches: defined for feature maps only",
+}
 
 
 #: what a row times beyond the loss's formula
@@ -156,6 +160,8 @@ def benchmark_case(
         row["note"] = NOTES[name]
     if case.kind == "features" and name in LOGITS_ONLY:
         return {**row, "skipped": LOGITS_ONLY[name]}
+    if case.kind == "logits" and name in FEATURES_ONLY:
+        return {**row, "skipped": FEATURES_ONLY[name]}
     needed, available = estimated_bytes(name, loss, case.shape), free_bytes(device)
     if needed > MEMORY_SHARE * available:
         return {
