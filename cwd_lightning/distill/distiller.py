@@ -75,12 +75,13 @@ class Distiller(nn.Module):
                 task.run(teachers[name], example, recorder.paths)
         try:
             for term in self.terms:
-                self.pairs[term.name] = nn.ModuleList(self._build_term(term, task.has_dense_labels, task.ignore_index))
+                self.pairs[term.name] = nn.ModuleList(self._build_term(term, task))
         finally:
             self.clear()
         return self
 
-    def _build_term(self, term: DistillTerm, has_labels: bool, ignore_index: int | None) -> list[DistillPair]:
+    def _build_term(self, term: DistillTerm, task: Any) -> list[DistillPair]:
+        has_labels, has_boxes = task.has_dense_labels, task.has_boxes
         sources: list[tuple[str, str, int | None]] = []
         for student_path, teacher_path in zip(term.student_paths, term.teacher_paths, strict=True):
             counts = {
@@ -107,11 +108,13 @@ class Distiller(nn.Module):
             with torch.no_grad(), evaluating(pair):  # no BN statistics moved by the probe
                 student, teacher = self.aligned(pair)
             labels = torch.zeros(student.shape[0], *student.shape[2:], dtype=torch.long) if has_labels else None
+            boxes = [torch.zeros(0, 4)] * student.shape[0] if has_boxes else None  # the probe's images: none
+            probe = StepContext(labels, task.ignore_index, 0, boxes, tuple(student.shape[-2:]) if has_boxes else None)
             try:
                 build_own_modules(pair.loss, student.shape, teacher.shape)
-                pair.declared = self._declaration(term, pair.loss, has_labels)
+                pair.declared = self._declaration(term, pair.loss, has_labels, has_boxes)
                 with torch.no_grad(), evaluating(pair):
-                    pair.value(student, teacher, StepContext(labels, ignore_index))
+                    pair.value(student, teacher, probe)
             except ValueError as error:
                 if isinstance(error, _DeclarationError):
                     raise
@@ -126,9 +129,9 @@ class Distiller(nn.Module):
         return pairs
 
     @staticmethod
-    def _declaration(term: DistillTerm, loss: nn.Module, has_labels: bool) -> Declaration:
+    def _declaration(term: DistillTerm, loss: nn.Module, has_labels: bool, has_boxes: bool) -> Declaration:
         try:
-            return declaration(loss, has_labels)
+            return declaration(loss, has_labels, has_boxes)
         except ValueError as error:
             raise _DeclarationError(f"distillation term {term.name!r}: {error}") from None
         except TypeError as error:
@@ -210,6 +213,11 @@ class Distiller(nn.Module):
 
     def auxiliary_parameter_ids(self) -> set[int]:
         return {id(p) for pair in self.auxiliary_pairs() for p in pair.loss.auxiliary_parameters()}
+
+    @property
+    def wants_boxes(self) -> bool:
+        """Whether a loss of this run asks for the batch's boxes (computing them costs a little)."""
+        return any("boxes" in pair.declared.context for pair in self.iter_pairs())
 
     def preparing_pairs(self) -> list[DistillPair]:
         """The pairs whose loss prepares modules of its own on the teacher and has not done so yet."""

@@ -119,7 +119,9 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
         batch = (teachers or self.live_outputs).record(batch)
         with self.distiller.recording(teacher=False):
             task_loss, parts = student_step(self.student, batch)
-        context = StepContext(self.task.dense_labels(batch), self.task.ignore_index, self.global_step)
+        boxes = self.task.input_boxes(batch) if self.distiller.wants_boxes else None
+        context = StepContext(self.task.dense_labels(batch), self.task.ignore_index, self.global_step,
+                              *(boxes or (None, None)))  # fmt: skip
         terms, values, auxiliary_losses = self.distiller.term_values(context, auxiliary=auxiliary)
         distill = self.distiller.weighted_total(terms, weights)
         return StepLosses(task_loss, parts, distill, terms, values, auxiliary_losses)

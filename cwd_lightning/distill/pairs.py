@@ -24,12 +24,23 @@ class StepContext:
     labels: Tensor | None = None  # N×H×W at the input resolution
     ignore_index: int | None = None
     step: int = 0
+    boxes: list[Tensor] | None = None  # per image, M×4 in the network input's (resized, padded) pixels
+    input_size: tuple[int, int] | None = None  # the network input's (padded) H×W
 
     def for_loss(self, fields: tuple[str, ...], size: torch.Size) -> dict[str, Any]:
         values: dict[str, Any] = {}
         for name in fields:
-            values[name] = self.labels_at(size) if name == "labels" else getattr(self, name)
+            at = {"labels": self.labels_at, "boxes": self.boxes_at}.get(name)
+            values[name] = at(size) if at is not None else getattr(self, name)
         return values
+
+    def boxes_at(self, size: torch.Size) -> list[Tensor] | None:
+        """The boxes in the coordinates of an H×W map of the network input (x by W / input W, y by H / input H)."""
+        if self.boxes is None:
+            return None
+        height, width = self.input_size
+        scale = torch.tensor([size[1] / width, size[0] / height] * 2)
+        return [boxes * scale.to(boxes) for boxes in self.boxes]
 
     def labels_at(self, size: torch.Size) -> Tensor | None:
         """Labels nearest-resized to ``size`` (H×W), so the ignore index survives unchanged."""

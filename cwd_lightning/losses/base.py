@@ -7,8 +7,11 @@ more declares it:
 
 - **context**: keyword parameters of ``forward`` named after ``CONTEXT_FIELDS`` are filled by the engine:
   ``labels`` (N×H×W int64 ground truth, nearest-resized to the compared maps, ignore pixels kept as
-  ``ignore_index``), ``ignore_index`` and ``step`` (the global step). A required parameter with any other
-  name is an error when the term is built, as is ``labels`` on a task without dense labels.
+  ``ignore_index``), ``ignore_index``, ``step`` (the global step) and ``boxes`` (a detection task's ground-truth
+  boxes of each image as an M×4 x1, y1, x2, y2 tensor in the coordinates of the compared map's grid: the
+  detector's resize and padding applied, so the same boxes land on every FPN level at its own scale). A
+  required parameter with any other name is an error when the term is built, as is ``labels`` on a task
+  without dense labels and ``boxes`` on one without boxes.
 - **own modules**: ``build(student_shape, teacher_shape)`` runs once per pair, on the loss's own copy, with
   the probed shapes; modules it creates are trained with the student, saved in checkpoints and left out of
   the export.
@@ -31,7 +34,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
-CONTEXT_FIELDS = ("labels", "ignore_index", "step")
+CONTEXT_FIELDS = ("labels", "ignore_index", "step", "boxes")
 
 
 class DistillationLoss(nn.Module):
@@ -82,7 +85,7 @@ def build_own_modules(loss: nn.Module, student_shape: torch.Size, teacher_shape:
         build(student_shape, teacher_shape)
 
 
-def declaration(loss: nn.Module, has_labels: bool) -> Declaration:
+def declaration(loss: nn.Module, has_labels: bool, has_boxes: bool = False) -> Declaration:
     """The loss's declaration, checked (after ``build_own_modules``): its forward asks only for what the
     engine can give (``labels`` only on a task with dense labels), and a loss with an optimiser of its own
     says what it trains and on which loss. Errors name the loss."""
@@ -91,7 +94,7 @@ def declaration(loss: nn.Module, has_labels: bool) -> Declaration:
     tensors = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
     if len(tensors) < 2:
         raise TypeError(f"{name}.forward must take (student, teacher) tensors first")
-    context = _context_fields(name, "forward", parameters, tensors, has_labels)
+    context = _context_fields(name, "forward", parameters, tensors, has_labels, has_boxes)
     auxiliary = getattr(loss, "auxiliary_optimizer", None) is not None
     if auxiliary:
         method = getattr(type(loss), "auxiliary_loss", None)
@@ -112,11 +115,13 @@ def declaration(loss: nn.Module, has_labels: bool) -> Declaration:
             raise TypeError(f"{name} sets prepare_steps but lacks prepare_loss(), prepare_parameters(), "
                             "prepare_optimizer or its prepared buffer (see losses/base.py)")  # fmt: skip
         prepare = list(inspect.signature(loss.prepare_loss).parameters.values())
-        prepare_context = _context_fields(name, "prepare_loss", prepare, prepare[:1], has_labels)
+        prepare_context = _context_fields(name, "prepare_loss", prepare, prepare[:1], has_labels, has_boxes)
     return Declaration(context, auxiliary, prepares, prepare_context)
 
 
-def _context_fields(name: str, method: str, parameters: list, tensors: list, has_labels: bool) -> tuple[str, ...]:
+def _context_fields(
+    name: str, method: str, parameters: list, tensors: list, has_labels: bool, has_boxes: bool
+) -> tuple[str, ...]:
     """The context fields a method asks for; a required parameter the engine cannot fill is an error."""
     context = []
     for parameter in parameters:
@@ -124,8 +129,11 @@ def _context_fields(name: str, method: str, parameters: list, tensors: list, has
             continue
         if parameter.name in CONTEXT_FIELDS:
             context.append(parameter.name)
-            if parameter.name == "labels" and parameter.default is parameter.empty and not has_labels:
+            required = parameter.default is parameter.empty
+            if parameter.name == "labels" and required and not has_labels:
                 raise ValueError(f"{name} needs ground-truth labels, and this task has no dense labels")
+            if parameter.name == "boxes" and required and not has_boxes:
+                raise ValueError(f"{name} needs ground-truth boxes, and this task has none (a detection task has)")
         elif parameter.default is parameter.empty:
             raise TypeError(
                 f"{name}.{method} needs {parameter.name!r}, which the engine cannot give; "

@@ -18,6 +18,8 @@ class Task(nn.Module):
     monitor_mode: str = "min"
     #: whether ``dense_labels`` gives per-pixel labels (losses such as IFVD need them)
     has_dense_labels: bool = False
+    #: whether ``input_boxes`` gives each image's ground-truth boxes (losses such as FGD need them)
+    has_boxes: bool = False
     ignore_index: int | None = None
     #: whether a student of this task exports as one graph, images in and outputs at their size out
     #: (``torch.export`` / ONNX); otherwise the export writes its state_dict only
@@ -34,6 +36,10 @@ class Task(nn.Module):
 
     def dense_labels(self, batch: Any) -> Tensor | None:
         """Per-pixel N×H×W labels of a batch (``ignore_index`` where unlabelled), or None."""
+        return None
+
+    def input_boxes(self, batch: Any) -> tuple[list[Tensor], tuple[int, int]] | None:
+        """Each image's boxes in the pixels of the network input of the last ``run`` and that input's H×W, or None."""
         return None
 
     def training_loss(self, model: nn.Module, batch: Any) -> tuple[Tensor, dict[str, Tensor]]:

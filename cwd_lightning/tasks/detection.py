@@ -29,6 +29,7 @@ class DetectionTask(Task):
 
     monitor = "val/mAP"
     monitor_mode = "max"
+    has_boxes = True
 
     def __init__(self, num_classes: int, class_names: list[str] | None = None, example_size: int = 64,
                  max_detections: int = 100) -> None:  # fmt: skip
@@ -57,6 +58,9 @@ class DetectionTask(Task):
             image_list, _ = transform(images)
         finally:
             transform.train(was_training)
+        # where the boxes go: each image's resize, and the padded batch the maps are computed on
+        self.geometry = ([tuple(image.shape[-2:]) for image in images], image_list.image_sizes,
+                         tuple(image_list.tensors.shape[-2:]))  # fmt: skip
         features = model.backbone(image_list.tensors)
         if any(path == "head" or path.startswith("head.") for path in paths):
             model.head(list(features.values()))
@@ -73,6 +77,16 @@ class DetectionTask(Task):
 
     def batch_inputs(self, batch: tuple[Images, Targets]) -> Images:
         return batch[0]
+
+    def input_boxes(self, batch: tuple[Images, Targets]) -> tuple[list[Tensor], tuple[int, int]]:
+        """The targets' boxes resized as the detector's transform resized their images in the last ``run`` (the
+        student's forward of this step), in the padded input's pixels, and that input's H×W."""
+        originals, resized, padded = self.geometry
+        boxes = []
+        for target, (height, width), (new_height, new_width) in zip(batch[1], originals, resized, strict=True):
+            scale = torch.tensor([new_width / width, new_height / height] * 2).to(target["boxes"])
+            boxes.append(target["boxes"] * scale)
+        return boxes, padded
 
     def first_samples(self, batch: tuple[Images, Targets], count: int) -> tuple[Images, Targets]:
         return batch[0][:count], batch[1][:count]

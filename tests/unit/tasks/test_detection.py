@@ -15,7 +15,7 @@ from cwd_lightning.distill import DistillationModule, DistillTerm
 from cwd_lightning.losses import ChannelWiseDivergence
 from cwd_lightning.models import build_detector
 from cwd_lightning.tasks import DetectionTask
-from tests.helpers import tiny_detection_datamodule, write_jpeg
+from tests.helpers import cwd_module, tiny_detection_datamodule, write_jpeg
 
 
 def test_torchmetrics_map_agrees_with_cocoeval():
@@ -186,3 +186,50 @@ def test_a_shared_head_is_distilled_on_every_level_it_runs_on(tiny_shapes, tmp_p
     values = [float(trainer.callback_metrics[f"train/distill/cls/call{k}"]) for k in range(2)]
     # at 32 px, P3 is 4×4 and P4 2×2 (P5-P7 are 1×1: calls "all" is refused there, see above)
     assert values[0] > 0 and values[1] > 0 and values[0] != values[1]
+
+
+class BoxesSeen(torch.nn.Module):
+    """A loss that asks for the boxes and keeps what it got, per compared map size."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.seen: dict[tuple[int, int], list[torch.Tensor]] = {}
+
+    def forward(self, student, teacher, boxes):
+        self.seen[tuple(student.shape[-2:])] = [b.clone() for b in boxes]
+        return (student - teacher.detach()).pow(2).mean()
+
+
+def test_a_loss_that_asks_for_boxes_gets_them_on_each_fpn_level(tiny_shapes, tmp_path, teacher_file):
+    """In eval mode the detector resizes its 32-px images to 64 (min_size 64; in training torchvision's RetinaNet
+    skips its resize): the boxes are scaled as the images were, then onto each level's grid (P3 8×8: ÷ 8,
+    P4 4×4: ÷ 16)."""
+
+    def detector():
+        return build_detector("retinanet", "resnet18", 10, None, min_size=64, max_size=64,
+                              anchor_sizes=[8, 16, 32, 64, 128])  # fmt: skip
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "detector.pt"
+    torch.save(detector().state_dict(), teacher_path)
+    paths = ["backbone.fpn/0", "backbone.fpn/1"]
+    module = DistillationModule(DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
+                                [DistillTerm("boxes", paths, paths, BoxesSeen(), 1.0)])  # fmt: skip
+    datamodule = tiny_detection_datamodule(tiny_shapes.parent / "det_shapes")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    for pair in module.distiller.iter_pairs():
+        pair.loss.seen.clear()  # what the probe at construction showed it
+    module.eval()
+    module.step_losses(batch, module.task.validation_step)
+    targets = batch[1]
+    assert all(image.shape[-2:] == (32, 32) for image in batch[0]) and any(len(t["boxes"]) for t in targets)
+    for pair, size in zip(module.distiller.iter_pairs(), [(8, 8), (4, 4)], strict=True):
+        assert list(pair.loss.seen) == [size]
+        seen = pair.loss.seen[size]
+        for boxes, target in zip(seen, targets, strict=True):
+            torch.testing.assert_close(boxes, target["boxes"] * 2 * size[0] / 64)  # 32 → 64 px, then the grid
+    with pytest.raises(ValueError, match=r"BoxesSeen needs ground-truth boxes, and this task has none"):
+        cwd_module(teacher_file, [DistillTerm("boxes", "segmentation_head", "segmentation_head",
+                                                        BoxesSeen(), 1.0)])  # fmt: skip
