@@ -56,6 +56,8 @@ LOGITS_ONLY = {
 #: losses defined on feature maps only: on class scores they are not a method of the paper
 FEATURES_ONLY = {
     "AfDCD": "cuts the channels into 16 groups and the pooled map into 4×4 patches: defined for feature maps only",
+    "FocalGlobalDistillation": "imitates detection FPN levels inside and outside the boxes: defined for feature "
+    "maps only",
 }
 
 
@@ -130,14 +132,15 @@ def free_bytes(device: torch.device) -> int:
 
 def _context(loss: nn.Module, shape: tuple[int, int, int, int], device: torch.device) -> dict[str, Any]:
     """What the engine would give a loss that asks (see losses/base.py): random labels, the ignore index,
-    the step."""
+    the step, and per image two boxes, each a quarter of the map."""
     n, _, h, w = shape
     given = {
         "labels": torch.randint(0, LABEL_CLASSES, (n, h, w), device=device),
         "ignore_index": 255,
         "step": 0,
+        "boxes": [torch.tensor([[0, 0, w / 2, h / 2], [w / 2, h / 2, w, h]], device=device)] * n,
     }
-    return {field: given[field] for field in declaration(loss, has_labels=True).context}
+    return {field: given[field] for field in declaration(loss, has_labels=True, has_boxes=True).context}
 
 
 def forward_backward(loss: nn.Module, student: Tensor, teacher: Tensor, context: dict) -> Callable[[], None]:

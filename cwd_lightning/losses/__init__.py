@@ -9,6 +9,7 @@ from cwd_lightning.losses.channel_mean import ChannelMeanMSE
 from cwd_lightning.losses.cosine import CosineDistance
 from cwd_lightning.losses.cwd import ChannelWiseDivergence
 from cwd_lightning.losses.dist import DIST
+from cwd_lightning.losses.fgd import FocalGlobalDistillation
 from cwd_lightning.losses.fitnets import FitNets
 from cwd_lightning.losses.holistic import HolisticAdversarial
 from cwd_lightning.losses.ifvd import IntraClassFeatureVariation
@@ -30,6 +31,7 @@ __all__ = [
     "CosineDistance",
     "DistillationLoss",
     "FitNets",
+    "FocalGlobalDistillation",
     "HolisticAdversarial",
     "IntraClassFeatureVariation",
     "LocalAffinity",

@@ -10,6 +10,7 @@ import sys
 from pathlib import Path
 
 import onnxruntime
+import pytest
 import torch
 import yaml
 from PIL import Image
@@ -141,16 +142,17 @@ def _assert_monitor_media(run_dir: Path) -> None:
     assert overhead["calls"] >= 1 and overhead["seconds"] > 0
 
 
-def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path):
-    """shapes_det_cwd shrunk to 2 steps: a RetinaNet-R18 teacher from a state_dict file (the same
-    architecture as the student, to keep it small), CWD over the five FPN levels."""
+@pytest.mark.parametrize(("experiment", "term"), [("shapes_det_cwd", "cwd_fpn"), ("shapes_det_fgd", "fgd_fpn")])
+def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path, experiment, term):
+    """shapes_det_cwd (CWD) and shapes_det_fgd (FGD, which reads the boxes) shrunk to 2 steps: a teacher from a
+    state_dict file (the student's architecture, to keep it small), one term over the FPN levels P3-P5."""
     from cwd_lightning.models import build_detector
 
     net = REPO / "experiments" / "common" / "shapes_det_student_net.yaml"
     teacher_file = tmp_path / "teacher.pt"
     torch.save(build_detector(**yaml.safe_load(net.read_text())["init_args"]).state_dict(), teacher_file)
     result = run_cli(
-        "fit", "--config", str(REPO / "experiments" / "shapes_det_cwd.yaml"), "--runs_root", str(tmp_path / "runs"),
+        "fit", "--config", str(REPO / "experiments" / f"{experiment}.yaml"), "--runs_root", str(tmp_path / "runs"),
         "--model.teacher", str(net), "--model.teacher_checkpoint", str(teacher_file),
         "--trainer.max_steps", "2", "--trainer.val_check_interval", "2", "--trainer.log_every_n_steps", "1",
         "--trainer.enable_progress_bar", "false", "--data.init_args.root", str(tmp_path / "shapes"),
@@ -159,18 +161,19 @@ def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path):
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / "shapes_det_cwd"
+    run_dir = tmp_path / "runs" / experiment
     rows = _metrics(run_dir)
     for level in ("0", "1", "2"):  # P3-P5: P6/P7 are 1×1 at 64 px
-        assert len(_column(rows, f"train/distill/cwd_fpn/{level}")) == 2, level
-    assert not _column(rows, "train/distill/cwd_fpn/p7")
+        assert len(_column(rows, f"train/distill/{term}/{level}")) == 2, level
+    assert not _column(rows, f"train/distill/{term}/p7")
     assert _column(rows, "train/loss_task/classification") and _column(rows, "train/loss_task/bbox_regression")
     assert len(_column(rows, "val/mAP")) == 1 and _column(rows, "val/mAP50")
     checkpoint = torch.load(run_dir / "last.ckpt", weights_only=True)
     assert not any(key.startswith("teacher.") for key in checkpoint["state_dict"])
-    (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
-    for level in ("0", "2"):  # the channel monitor needs no detection special case
-        assert list(wandb_run.glob(f"files/media/images/channels/cwd_fpn/{level}/maps_*.png")), level
+    if experiment == "shapes_det_cwd":
+        (wandb_run,) = list((run_dir / "wandb").glob("offline-run-*"))
+        for level in ("0", "2"):  # the channel monitor needs no detection special case
+            assert list(wandb_run.glob(f"files/media/images/channels/cwd_fpn/{level}/maps_*.png")), level
 
 
 def test_make_train_passes_args_to_the_asked_experiment_only():

@@ -64,8 +64,9 @@ def test_each_method_builds_from_its_yaml_and_trains(config, unet_teacher, tiny_
 
 
 def test_every_loss_has_a_method_file():
-    used = {term["loss"]["class_path"].rsplit(".", 1)[-1]
-            for path in METHOD_FILES for term in yaml.safe_load(path.read_text())["model"]["terms"]}  # fmt: skip
+    files = [*METHOD_FILES, *sorted((REPO / "experiments").glob("shapes_det_*.yaml"))]  # detection: FGD
+    used = {term["loss"]["class_path"].rsplit(".", 1)[-1] for path in files
+            for term in yaml.safe_load(path.read_text())["model"].get("terms") or []}  # fmt: skip
     assert set(losses.__all__) - {"DistillationLoss"} <= used
 
 
