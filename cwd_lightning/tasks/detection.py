@@ -59,7 +59,7 @@ class DetectionTask(Task):
         finally:
             transform.train(was_training)
         # where the boxes go: each image's resize, and the padded batch the maps are computed on
-        self.geometry = ([tuple(image.shape[-2:]) for image in images], image_list.image_sizes,
+        self.geometry = (images, [tuple(image.shape[-2:]) for image in images], image_list.image_sizes,
                          tuple(image_list.tensors.shape[-2:]))  # fmt: skip
         features = model.backbone(image_list.tensors)
         if any(path == "head" or path.startswith("head.") for path in paths):
@@ -79,9 +79,12 @@ class DetectionTask(Task):
         return batch[0]
 
     def input_boxes(self, batch: tuple[Images, Targets]) -> tuple[list[Tensor], tuple[int, int]]:
-        """The targets' boxes resized as the detector's transform resized their images in the last ``run`` (the
-        student's forward of this step), in the padded input's pixels, and that input's H×W."""
-        originals, resized, padded = self.geometry
+        """The targets' boxes resized as the detector's transform resized these images in this step's ``run`` of
+        the teacher (which sizes them as the student does), in the padded input's pixels, and that input's H×W."""
+        images, originals, resized, padded = getattr(self, "geometry", (None,) * 4)
+        if images is not batch[0]:
+            raise ValueError("a loss that reads the boxes needs this step's teacher forward (it records the "
+                             "detector's resize); a teacher cache has none: leave model.teacher_cache out")  # fmt: skip
         boxes = []
         for target, (height, width), (new_height, new_width) in zip(batch[1], originals, resized, strict=True):
             scale = torch.tensor([new_width / width, new_height / height] * 2).to(target["boxes"])

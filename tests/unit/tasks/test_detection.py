@@ -230,6 +230,8 @@ def test_a_loss_that_asks_for_boxes_gets_them_on_each_fpn_level(tiny_shapes, tmp
         seen = pair.loss.seen[size]
         for boxes, target in zip(seen, targets, strict=True):
             torch.testing.assert_close(boxes, target["boxes"] * 2 * size[0] / 64)  # 32 → 64 px, then the grid
+    with pytest.raises(ValueError, match="needs this step's teacher forward"):  # e.g. from a teacher cache
+        module.task.input_boxes(([image.clone() for image in batch[0]], batch[1]))
     with pytest.raises(ValueError, match=r"BoxesSeen needs ground-truth boxes, and this task has none"):
         cwd_module(teacher_file, [DistillTerm("boxes", "segmentation_head", "segmentation_head",
                                                         BoxesSeen(), 1.0)])  # fmt: skip
