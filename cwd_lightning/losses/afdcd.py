@@ -10,7 +10,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cwd_lightning.losses.base import DistillationLoss
-from cwd_lightning.losses.maps import check_maps, full_precision, rank_mask
+from cwd_lightning.losses.maps import align_conv, check_maps, full_precision, generator, masked
 
 
 class AfDCD(DistillationLoss):
@@ -58,18 +58,16 @@ class AfDCD(DistillationLoss):
         if any(size < self.patch or size % self.patch for size in pooled):
             raise ValueError(f"AfDCD: the {tuple(teacher_shape[-2:])} map pooled by {self.pool_size} gives "
                              f"{tuple(pooled)}, not a multiple of the {self.patch}×{self.patch} patches")  # fmt: skip
-        self.align = nn.Conv2d(student_channels, channels, 1) if student_channels != channels else nn.Identity()
-        self.projector = nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
-                                       nn.Conv2d(channels, channels, 3, padding=1))  # fmt: skip
+        self.align = align_conv(student_channels, channels)
+        self.projector = generator(channels)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         check_maps(type(self).__name__, student, teacher, same_channels=False)
         if self.projector is None or self.align is None:
             raise RuntimeError("AfDCD: build() must run before the first call")
         with full_precision(student):
-            aligned, teacher = self.align(student.float()), teacher.detach().float()
-            keep = rank_mask(aligned.shape[0], aligned.shape[2:], aligned.device) >= self.mask_ratio
-            generated = self.projector(aligned * keep)
+            teacher = teacher.detach().float()
+            generated = self.projector(masked(self.align(student.float()), self.mask_ratio))
             batch = student.shape[0]
             feature = (generated - teacher).pow(2).sum() / batch
             return self.feature_weight * feature + self.contrast_weight * self.contrast(generated, teacher)

@@ -11,7 +11,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cwd_lightning.losses.base import DistillationLoss
-from cwd_lightning.losses.maps import check_maps, full_precision
+from cwd_lightning.losses.maps import align_conv, check_maps, full_precision
 
 
 def box_masks(boxes: list[Tensor], size: torch.Size) -> tuple[Tensor, Tensor]:
@@ -66,7 +66,7 @@ class FocalGlobalDistillation(DistillationLoss):
         student_channels, channels = student_shape[1], teacher_shape[1]
         if channels < 2:
             raise ValueError("FocalGlobalDistillation: needs at least 2 teacher channels (its context MLP halves them)")
-        self.align = nn.Conv2d(student_channels, channels, 1) if student_channels != channels else nn.Identity()
+        self.align = align_conv(student_channels, channels)
         self.context = nn.ModuleDict({side: GlobalContext(channels) for side in ("student", "teacher")})
 
     def forward(self, student: Tensor, teacher: Tensor, boxes: list[Tensor]) -> Tensor:

@@ -1,5 +1,6 @@
 """What the loss files share: shape checks of the compared N×C×H×W maps and of the labels, fp32 computation
-under mixed precision, and random masks that differ between DDP ranks."""
+under mixed precision, random masks that differ between DDP ranks, and the align conv and generator that the
+masked-generation losses (MGD, Af-DCD) and FGD build."""
 
 from __future__ import annotations
 
@@ -8,7 +9,7 @@ from contextlib import contextmanager
 
 import torch
 import torch.distributed as dist
-from torch import Tensor
+from torch import Tensor, nn
 
 
 @contextmanager
@@ -46,3 +47,19 @@ def rank_mask(batch: int, size: torch.Size, device: torch.device) -> Tensor:
     exactly ``torch.rand(N, 1, H, W)``."""
     rank, world = (dist.get_rank(), dist.get_world_size()) if dist.is_available() and dist.is_initialized() else (0, 1)
     return torch.rand(world, batch, 1, *size, device=device)[rank]
+
+
+def masked(maps: Tensor, mask_ratio: float) -> Tensor:
+    """``maps`` with each position of each sample zeroed with probability ``mask_ratio`` (``rank_mask``)."""
+    return maps * (rank_mask(maps.shape[0], maps.shape[2:], maps.device) >= mask_ratio)
+
+
+def align_conv(student_channels: int, channels: int) -> nn.Module:
+    """A 1×1 conv with bias from the student's channels to the teacher's, or the identity when they agree."""
+    return nn.Conv2d(student_channels, channels, 1) if student_channels != channels else nn.Identity()
+
+
+def generator(channels: int) -> nn.Sequential:
+    """conv3×3 → ReLU → conv3×3 at ``channels``, no normalisation: MGD's generator, Af-DCD's projector."""
+    return nn.Sequential(nn.Conv2d(channels, channels, 3, padding=1), nn.ReLU(inplace=True),
+                         nn.Conv2d(channels, channels, 3, padding=1))  # fmt: skip

@@ -7,7 +7,7 @@ import torch
 from torch import Tensor, nn
 
 from cwd_lightning.losses.base import DistillationLoss
-from cwd_lightning.losses.maps import check_maps, full_precision, rank_mask
+from cwd_lightning.losses.maps import align_conv, check_maps, full_precision, generator, masked
 
 
 class MaskedGenerativeDistillation(DistillationLoss):
@@ -37,12 +37,8 @@ class MaskedGenerativeDistillation(DistillationLoss):
     def build(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
         student_channels, channels = student_shape[1], teacher_shape[1]
         self.channels = (student_channels, channels)
-        self.align = nn.Conv2d(student_channels, channels, 1) if student_channels != channels else nn.Identity()
-        self.generator = nn.Sequential(
-            nn.Conv2d(channels, channels, 3, padding=1),
-            nn.ReLU(inplace=True),
-            nn.Conv2d(channels, channels, 3, padding=1),
-        )
+        self.align = align_conv(student_channels, channels)
+        self.generator = generator(channels)
 
     def forward(self, student: Tensor, teacher: Tensor) -> Tensor:
         check_maps(type(self).__name__, student, teacher, same_channels=False)
@@ -54,9 +50,7 @@ class MaskedGenerativeDistillation(DistillationLoss):
                     f"MaskedGenerativeDistillation: built for {self.channels[0]} → {self.channels[1]} channels, got "
                     f"student {tuple(student.shape)} and teacher {tuple(teacher.shape)}"
                 )
-            aligned = self.align(student.float())
-            keep = rank_mask(aligned.shape[0], aligned.shape[2:], aligned.device) >= self.mask_ratio
-            generated = self.generator(aligned * keep)
+            generated = self.generator(masked(self.align(student.float()), self.mask_ratio))
             return (generated - teacher.detach().float()).pow(2).sum() / student.shape[0]
 
     def extra_repr(self) -> str:

@@ -127,15 +127,21 @@ def test_coco_metrics_equal_cocoeval_on_the_original_file(tmp_path):
         assert ours[key].item() == pytest.approx(evaluator.stats[index], abs=1e-4), key
 
 
-def test_fpn_distillation_logs_every_level_and_keeps_the_teacher_frozen(tiny_shapes, tmp_path):
-    def detector():
-        return build_detector(
-            "retinanet", "resnet18", 10, None, min_size=32, max_size=32, anchor_sizes=[8, 16, 32, 64, 128]
-        )
+def tiny_retinanet(size: int = 32):
+    """A RetinaNet-R18 (random weights) that resizes its images to ``size`` px."""
+    return build_detector("retinanet", "resnet18", 10, None, min_size=size, max_size=size,
+                          anchor_sizes=[8, 16, 32, 64, 128])  # fmt: skip
 
+
+def saved_retinanet(path, size: int = 32):
+    """A ``tiny_retinanet`` seeded with 0, saved as a state_dict file at ``path``."""
     torch.manual_seed(0)
-    teacher_path = tmp_path / "teacher.pt"
-    torch.save(detector().state_dict(), teacher_path)
+    torch.save(tiny_retinanet(size).state_dict(), path)
+    return path
+
+
+def test_fpn_distillation_logs_every_level_and_keeps_the_teacher_frozen(tiny_shapes, tmp_path):
+    detector, teacher_path = tiny_retinanet, saved_retinanet(tmp_path / "teacher.pt")
     levels = ["0", "1"]  # P3 4×4 and P4 2×2 at 32 px; P5-P7 are 1×1, on which CWD is refused (below)
     paths = [f"backbone.fpn/{level}" for level in levels]
     with pytest.raises(ValueError, match=r"term 'cwd_fpn'.*fpn/p7'.*1×1 map.*identically 0"):
@@ -162,13 +168,7 @@ def test_fpn_distillation_logs_every_level_and_keeps_the_teacher_frozen(tiny_sha
 def test_a_shared_head_is_distilled_on_every_level_it_runs_on(tiny_shapes, tmp_path):
     """RetinaNet's classification head runs once per FPN level: ``calls: all`` gives one pair per level."""
 
-    def detector():
-        return build_detector("retinanet", "resnet18", 10, None, min_size=32, max_size=32,
-                              anchor_sizes=[8, 16, 32, 64, 128])  # fmt: skip
-
-    torch.manual_seed(0)
-    teacher_path = tmp_path / "teacher.pt"
-    torch.save(detector().state_dict(), teacher_path)
+    detector, teacher_path = tiny_retinanet, saved_retinanet(tmp_path / "teacher.pt")
     path = "head.classification_head.cls_logits"
     with pytest.raises(ValueError, match="runs 5 times per forward; say which call"):
         DistillationModule(DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
@@ -206,12 +206,9 @@ def test_a_loss_that_asks_for_boxes_gets_them_on_each_fpn_level(tiny_shapes, tmp
     P4 4×4: ÷ 16)."""
 
     def detector():
-        return build_detector("retinanet", "resnet18", 10, None, min_size=64, max_size=64,
-                              anchor_sizes=[8, 16, 32, 64, 128])  # fmt: skip
+        return tiny_retinanet(size=64)
 
-    torch.manual_seed(0)
-    teacher_path = tmp_path / "detector.pt"
-    torch.save(detector().state_dict(), teacher_path)
+    teacher_path = saved_retinanet(tmp_path / "detector.pt", size=64)
     paths = ["backbone.fpn/0", "backbone.fpn/1"]
     module = DistillationModule(DetectionTask(10, example_size=32), detector(), detector(), str(teacher_path),
                                 [DistillTerm("boxes", paths, paths, BoxesSeen(), 1.0)])  # fmt: skip
