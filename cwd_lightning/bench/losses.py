@@ -60,6 +60,12 @@ FEATURES_ONLY = {
     "maps only",
 }
 
+#: losses that run part of a teacher network: not a function of two maps alone
+NEEDS_TEACHER = {
+    "CrossHeadKD": "runs the rest of the teacher's detection head on the student's head features: its cost is "
+    "that head's (convs of the teacher), not the loss's",
+}
+
 
 #: what a row times beyond the loss's formula
 NOTES = {
@@ -193,6 +199,10 @@ def benchmark_losses(
     rows, comparison = [], []
     for case in cases:
         for name, cls in loss_classes().items():
+            if name in NEEDS_TEACHER:
+                skipped = {"loss": name, "case": case.name, "shape": list(case.shape), "skipped": NEEDS_TEACHER[name]}
+                rows.append(skipped)
+                continue
             row = benchmark_case(name, make_loss(name, cls), case, repeats, warmup, device)
             rows.append(row)
             if name == "ChannelWiseDivergence":  # the reference right after, in the same state of the machine

@@ -14,7 +14,7 @@ import torch
 from torch import Tensor, nn
 
 from cwd_lightning.distill.connectors import build_connector
-from cwd_lightning.distill.pairs import DistillPair, StepContext
+from cwd_lightning.distill.pairs import DistillPair, StepContext, TeacherPart
 from cwd_lightning.distill.recorder import ForwardRecorder
 from cwd_lightning.distill.terms import DistillTerm, pair_labels, split_path, teacher_side
 from cwd_lightning.losses.base import Declaration, build_own_modules, declaration
@@ -54,7 +54,7 @@ class Distiller(nn.Module):
         self.student_recorder = ForwardRecorder(
             student, [split_path(p)[0] for t in terms for p in t.student_paths], side="student"
         )
-        paths = {name: [split_path(p)[0] for t in terms if t.from_teacher == name for p in t.teacher_paths]
+        paths = {name: [split_path(p)[0] for t in terms if t.from_teacher == name for p in _teacher_reads(t)]
                  for name in teachers}  # fmt: skip
         self.teacher_recorders = {
             name: ForwardRecorder(model, paths[name], side=teacher_side(name)) for name, model in teachers.items()
@@ -75,12 +75,12 @@ class Distiller(nn.Module):
                 task.run(teachers[name], example, recorder.paths)
         try:
             for term in self.terms:
-                self.pairs[term.name] = nn.ModuleList(self._build_term(term, task))
+                self.pairs[term.name] = nn.ModuleList(self._build_term(term, task, teachers[term.from_teacher]))
         finally:
             self.clear()
         return self
 
-    def _build_term(self, term: DistillTerm, task: Any) -> list[DistillPair]:
+    def _build_term(self, term: DistillTerm, task: Any, teacher_model: nn.Module) -> list[DistillPair]:
         has_labels, has_boxes = task.has_dense_labels, task.has_boxes
         sources: list[tuple[str, str, int | None]] = []
         for student_path, teacher_path in zip(term.student_paths, term.teacher_paths, strict=True):
@@ -113,8 +113,10 @@ class Distiller(nn.Module):
             try:
                 build_own_modules(pair.loss, student.shape, teacher.shape)
                 pair.declared = self._declaration(term, pair.loss, has_labels, has_boxes)
+                if pair.declared.teacher_part:
+                    pair.teacher_part = self._teacher_part(term, pair.loss, teacher_model)
                 with torch.no_grad(), evaluating(pair):
-                    pair.value(student, teacher, probe)
+                    self.value(pair, student, teacher, probe)
             except ValueError as error:
                 if isinstance(error, _DeclarationError):
                     raise
@@ -127,6 +129,14 @@ class Distiller(nn.Module):
                 ) from error
             pairs.append(pair)
         return pairs
+
+    @staticmethod
+    def _teacher_part(term: DistillTerm, loss: nn.Module, teacher_model: nn.Module) -> TeacherPart:
+        try:
+            return TeacherPart(teacher_model, tuple(loss.teacher_modules), teacher_side(term.from_teacher))
+        except ValueError as error:
+            raise _DeclarationError(f"distillation term {term.name!r}: {type(loss).__name__}.teacher_modules: "
+                                    f"{error}") from None  # fmt: skip
 
     @staticmethod
     def _declaration(term: DistillTerm, loss: nn.Module, has_labels: bool, has_boxes: bool) -> Declaration:
@@ -145,6 +155,10 @@ class Distiller(nn.Module):
     def aligned(self, pair: DistillPair) -> tuple[Tensor, Tensor]:
         """The pair's recorded (student, teacher) tensors with its connector and resize applied."""
         return pair.aligned(self.student_recorder, self.teacher_recorders[pair.teacher_name])
+
+    def value(self, pair: DistillPair, student: Tensor, teacher: Tensor, context: StepContext) -> Tensor:
+        """The pair's loss on its aligned tensors, given the context and teacher tensors it declares."""
+        return pair.value(student, teacher, context, self.teacher_recorders[pair.teacher_name])
 
     @contextmanager
     def recording(self, student: bool = True, teacher: bool = True) -> Iterator[None]:
@@ -190,7 +204,7 @@ class Distiller(nn.Module):
                 term_values = []
                 for pair in self.pairs[term.name]:
                     student, teacher = self.aligned(pair)
-                    value = pair.value(student, teacher, context)
+                    value = self.value(pair, student, teacher, context)
                     term_values.append(value)
                     if pair.label:
                         values[pair.key] = value.detach()
@@ -231,6 +245,11 @@ class Distiller(nn.Module):
         trained (frozen since)."""
         excluded = self.auxiliary_parameter_ids() | self.prepared_parameter_ids()
         return [p for p in self.parameters() if p.requires_grad and id(p) not in excluded]
+
+
+def _teacher_reads(term: DistillTerm) -> list[str]:
+    """The teacher paths a term records: its pairs' and the extra teacher tensors its loss takes."""
+    return [*term.teacher_paths, *getattr(term.loss, "teacher_inputs", dict)().values()]
 
 
 class _DeclarationError(ValueError):

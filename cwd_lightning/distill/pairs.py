@@ -12,7 +12,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from cwd_lightning.distill.connectors import match_size
-from cwd_lightning.distill.recorder import ForwardRecorder
+from cwd_lightning.distill.recorder import ForwardRecorder, resolve_module
 from cwd_lightning.distill.terms import DistillTerm, select, split_path
 from cwd_lightning.losses.base import Declaration
 
@@ -49,6 +49,34 @@ class StepContext:
         return F.interpolate(self.labels[:, None].float(), size=tuple(size), mode="nearest")[:, 0].long()
 
 
+class TeacherPart:
+    """Modules of a frozen teacher run in order on another tensor (CrossKD: the rest of the teacher's head on the
+    student's head features). The teacher's weights require no gradient, so they get none and the tensor passed
+    in does; the modules run in eval mode. Not an ``nn.Module``: the teacher's modules are neither registered in
+    the pair nor saved with it, and a copy of the pair shares them."""
+
+    def __init__(self, teacher: nn.Module, paths: tuple[str, ...], side: str) -> None:
+        self.paths = tuple(paths)
+        self.modules = [resolve_module(teacher, path, side) for path in self.paths]
+        trainable = [path for path, module in zip(self.paths, self.modules, strict=True)
+                     if any(p.requires_grad for p in module.parameters())]  # fmt: skip
+        if trainable:
+            raise ValueError(f"{side} modules {', '.join(trainable)} require gradients: a teacher part runs frozen")
+
+    def __call__(self, tensor: Tensor) -> Tensor:
+        weights = next((p for module in self.modules for p in module.parameters()), None)
+        if weights is not None:  # in the teacher's precision (the caller upcasts what comes back)
+            tensor = tensor.to(weights.dtype)
+        for module in self.modules:
+            if module.training:
+                raise RuntimeError(f"teacher module {self.paths[self.modules.index(module)]!r} is in train mode")
+            tensor = module(tensor)
+        return tensor
+
+    def __deepcopy__(self, memo: dict) -> TeacherPart:
+        return self  # the frozen teacher is shared, never copied
+
+
 class DistillPair(nn.Module):
     """One compared pair of a term: where its tensors come from, and its own connector and loss."""
 
@@ -65,6 +93,7 @@ class DistillPair(nn.Module):
         self.loss = copy.deepcopy(term.loss)  # each pair owns its loss (and whatever the loss builds)
         self.connector: nn.Module | None = None
         self.declared = Declaration(context=(), auxiliary=False)  # read from the loss when the term is built
+        self.teacher_part: TeacherPart | None = None  # when the loss runs part of the teacher
 
     @property
     def key(self) -> str:
@@ -96,8 +125,22 @@ class DistillPair(nn.Module):
             student, teacher = match_size(student, teacher, self.resize)
         return student, teacher
 
-    def value(self, student: Tensor, teacher: Tensor, context: StepContext) -> Tensor:
-        return self.loss(student, teacher, **context.for_loss(self.declared.context, student.shape[-2:]))
+    def teacher_extras(self, teacher_recorder: ForwardRecorder) -> dict[str, Any]:
+        """What the loss takes from its teacher beyond the pair: ``teacher_part`` and its teacher tensors at the
+        pair's call."""
+        extras: dict[str, Any] = {"teacher_part": self.teacher_part} if self.declared.teacher_part else {}
+        where = f" (call {self.call})" if self.call is not None else ""
+        for keyword, path in self.declared.teacher_inputs:
+            module, key = split_path(path)
+            extras[keyword] = select(teacher_recorder.get(module, self.call), key,
+                                     f"{teacher_recorder.side} {path!r}{where}")  # fmt: skip
+        return extras
+
+    def value(
+        self, student: Tensor, teacher: Tensor, context: StepContext, teacher_recorder: ForwardRecorder
+    ) -> Tensor:
+        context_values = context.for_loss(self.declared.context, student.shape[-2:])
+        return self.loss(student, teacher, **context_values, **self.teacher_extras(teacher_recorder))
 
 
 @dataclass

@@ -6,7 +6,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
-from torch import nn
+from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
 
@@ -29,6 +29,10 @@ class ForwardRecorder:
     Hooks exist only inside the ``with`` block: entering clears the previous step's outputs and
     registers the hooks, leaving removes them. So nothing is recorded (or kept alive) outside the
     distillation forward, and no handle outlives its step.
+
+    A recorded tensor that the model changes in place later in its forward (an inplace ReLU or ``out +=
+    identity`` after the tapped module) no longer holds the module's output; reading it is an error naming
+    the module, rather than a silent comparison of another tensor.
     """
 
     def __init__(self, model: nn.Module, paths: Iterable[str], side: str = "model") -> None:
@@ -37,9 +41,11 @@ class ForwardRecorder:
         self._modules = {path: resolve_module(model, path, side) for path in self.paths}
         self._handles: list[RemovableHandle] = []
         self.outputs: dict[str, list[Any]] = {}
+        self._versions: dict[str, list[int | None]] = {}  # each recorded tensor's version counter when recorded
 
     def __enter__(self) -> ForwardRecorder:
         self.outputs = {path: [] for path in self.paths}
+        self._versions = {path: [] for path in self.paths}
         for path, module in self._modules.items():
             self._handles.append(module.register_forward_hook(self._hook_for(path)))
         return self
@@ -50,6 +56,7 @@ class ForwardRecorder:
     def _hook_for(self, path: str):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self.outputs[path].append(output)
+            self._versions[path].append(output._version if isinstance(output, Tensor) else None)
 
         return hook
 
@@ -60,6 +67,11 @@ class ForwardRecorder:
 
     def clear(self) -> None:
         self.outputs = {}
+        self._versions = {}
+
+    def load(self, outputs: dict[str, list[Any]]) -> None:
+        """Outputs recorded elsewhere (the teacher cache's) in place of a forward's."""
+        self.outputs, self._versions = outputs, {}
 
     @property
     def active(self) -> bool:
@@ -81,7 +93,14 @@ class ForwardRecorder:
         if call is None:
             if len(calls) != 1:
                 raise RuntimeError(f"module {path!r} of the {self.side} ran {len(calls)} times; name the call")
-            return calls[0]
+            call = 0
         if call >= len(calls):
             raise RuntimeError(f"module {path!r} of the {self.side} ran {len(calls)} time(s), there is no call {call}")
+        versions = self._versions.get(path)
+        if versions and isinstance(calls[call], Tensor) and calls[call]._version != versions[call]:
+            raise RuntimeError(
+                f"the output of {self.side} module {path!r} was changed in place after it was recorded (an "
+                "inplace activation or addition follows it in the forward): tap the module that makes the "
+                "changed tensor instead"
+            )
         return calls[call]

@@ -146,7 +146,7 @@ class CachedTeacher:
 
     def record(self, batch: Any) -> None:
         keys = batch[-1]
-        self.recorder.outputs = self.cache.lookup(keys, keys.device)
+        self.recorder.load(self.cache.lookup(keys, keys.device))
 
 
 class TeacherOutputs:

@@ -1,12 +1,13 @@
 """Distillation losses, one file per method: pure functions of (student, teacher) tensors, or modules
 that declare what more they need (labels, modules of their own, an optimiser of their own, a preparation on the
-teacher; see base.py)."""
+teacher, a part of the teacher to run; see base.py)."""
 
 from cwd_lightning.losses.afdcd import AfDCD
 from cwd_lightning.losses.attention_transfer import AttentionTransfer
 from cwd_lightning.losses.base import DistillationLoss
 from cwd_lightning.losses.channel_mean import ChannelMeanMSE
 from cwd_lightning.losses.cosine import CosineDistance
+from cwd_lightning.losses.crosskd import CrossHeadKD
 from cwd_lightning.losses.cwd import ChannelWiseDivergence
 from cwd_lightning.losses.dist import DIST
 from cwd_lightning.losses.fgd import FocalGlobalDistillation
@@ -29,6 +30,7 @@ __all__ = [
     "ChannelMeanMSE",
     "ChannelWiseDivergence",
     "CosineDistance",
+    "CrossHeadKD",
     "DistillationLoss",
     "FitNets",
     "FocalGlobalDistillation",

@@ -23,6 +23,12 @@ more declares it:
   ``prepare_loss(teacher, **context)``, over the training data, the student not run (MasKD's mask tokens). It
   is done once: the loss's ``prepared`` buffer is set after it, saved in checkpoints with the parameters, so a
   resumed run does not prepare again. The prepared parameters are frozen afterwards (no optimiser has them).
+- **a part of the teacher**: a loss whose ``teacher_modules`` names modules of its term's teacher (dotted paths,
+  in the order they run) gets ``teacher_part``, a callable that runs them on a tensor of the loss's choosing
+  (CrossKD runs the rest of the teacher's head on the student's head features). The teacher stays frozen: its
+  weights require no gradient and get none, the tensor passed in does, and the modules run in eval mode.
+- **more teacher tensors**: ``teacher_inputs()`` maps keyword parameters of ``forward`` to paths of the term's
+  teacher; each is recorded with the teacher's forward and given at the pair's call (the same FPN level).
 """
 
 from __future__ import annotations
@@ -67,6 +73,14 @@ class DistillationLoss(nn.Module):
         """The loss of the preparation, on the teacher's tensor alone (may take the context fields)."""
         raise NotImplementedError(f"{type(self).__name__} declares no preparation")
 
+    #: dotted paths of modules of the term's teacher that ``forward`` runs in order through ``teacher_part``
+    teacher_modules: tuple[str, ...] = ()
+
+    def teacher_inputs(self) -> dict[str, str]:
+        """More tensors of the term's teacher that ``forward`` takes: keyword → teacher path (``module/key``
+        selectors allowed), recorded at the pair's call."""
+        return {}
+
 
 @dataclass(frozen=True)
 class Declaration:
@@ -76,6 +90,8 @@ class Declaration:
     auxiliary: bool  # whether it trains modules of its own with its own optimiser
     prepares: bool = False  # whether it prepares modules of its own on the teacher before distillation
     prepare_context: tuple[str, ...] = ()  # the context fields its prepare_loss takes
+    teacher_part: bool = False  # whether its forward takes ``teacher_part`` (it names ``teacher_modules``)
+    teacher_inputs: tuple[tuple[str, str], ...] = ()  # (keyword, teacher path) of the teacher tensors it takes
 
 
 def build_own_modules(loss: nn.Module, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
@@ -94,7 +110,15 @@ def declaration(loss: nn.Module, has_labels: bool, has_boxes: bool = False) -> D
     tensors = [p for p in parameters if p.kind in (p.POSITIONAL_ONLY, p.POSITIONAL_OR_KEYWORD)][:2]
     if len(tensors) < 2:
         raise TypeError(f"{name}.forward must take (student, teacher) tensors first")
-    context = _context_fields(name, "forward", parameters, tensors, has_labels, has_boxes)
+    teacher_part = bool(tuple(getattr(loss, "teacher_modules", ()) or ()))
+    teacher_inputs = tuple(getattr(loss, "teacher_inputs", dict)().items())
+    given = {keyword for keyword, _ in teacher_inputs} | ({"teacher_part"} if teacher_part else set())
+    for keyword in given:
+        if keyword not in {p.name for p in parameters} or keyword in CONTEXT_FIELDS:
+            raise TypeError(f"{name} declares the teacher tensor {keyword!r} but its forward has no such keyword "
+                            "parameter (or it is a context field's name)")  # fmt: skip
+    context = _context_fields(name, "forward", [p for p in parameters if p.name not in given], tensors, has_labels,
+                              has_boxes)  # fmt: skip
     auxiliary = getattr(loss, "auxiliary_optimizer", None) is not None
     if auxiliary:
         method = getattr(type(loss), "auxiliary_loss", None)
@@ -116,7 +140,7 @@ def declaration(loss: nn.Module, has_labels: bool, has_boxes: bool = False) -> D
                             "prepare_optimizer or its prepared buffer (see losses/base.py)")  # fmt: skip
         prepare = list(inspect.signature(loss.prepare_loss).parameters.values())
         prepare_context = _context_fields(name, "prepare_loss", prepare, prepare[:1], has_labels, has_boxes)
-    return Declaration(context, auxiliary, prepares, prepare_context)
+    return Declaration(context, auxiliary, prepares, prepare_context, teacher_part, teacher_inputs)
 
 
 def _context_fields(

@@ -10,7 +10,7 @@ import torch
 
 from cwd_lightning import losses as loss_package
 from cwd_lightning.bench import peer
-from cwd_lightning.bench.losses import FEATURES_ONLY, LossCase, benchmark_losses, reference_cwd
+from cwd_lightning.bench.losses import FEATURES_ONLY, NEEDS_TEACHER, LossCase, benchmark_losses, reference_cwd
 from cwd_lightning.bench.timing import summarize
 from cwd_lightning.losses import ChannelWiseDivergence
 
@@ -53,6 +53,9 @@ def test_micro_benchmark_times_every_loss():
     for name, row in logits.items():  # every loss runs on class logits (the discriminator needs >= 16×16)
         if name in FEATURES_ONLY:  # but those defined on features alone
             assert "defined for feature maps only" in row["skipped"]
+            continue
+        if name in NEEDS_TEACHER:  # and those that run part of the teacher (CrossKD), said per case
+            assert "teacher" in row["skipped"]
             continue
         assert "skipped" not in row, (name, row.get("skipped"))
         assert row["median_ms"] > 0 and row["min_ms"] <= row["median_ms"] <= row["max_ms"]

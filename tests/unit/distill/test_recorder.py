@@ -84,3 +84,15 @@ def test_recorder_keeps_every_call_and_never_picks_one_silently():
         recorder.get("")
     with pytest.raises(RuntimeError, match="there is no call 3"):
         recorder.get("", 3)
+
+
+def test_an_output_changed_in_place_after_it_was_recorded_is_refused():
+    """An inplace ReLU after the tapped conv turns the recorded tensor into the ReLU's output: reading it fails,
+    naming the module; the ReLU's own output (the changed tensor) reads fine."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU(inplace=True))
+    recorder = ForwardRecorder(net, ["0", "1"], side="teacher")
+    with recorder:
+        net(torch.randn(1, 3, 4, 4))
+    with pytest.raises(RuntimeError, match=r"teacher module '0' was changed in place after it was recorded"):
+        recorder.get("0")
+    assert (recorder.get("1") >= 0).all()

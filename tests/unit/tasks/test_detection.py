@@ -12,7 +12,7 @@ import torch
 
 from cwd_lightning.data import CocoDetection
 from cwd_lightning.distill import DistillationModule, DistillTerm
-from cwd_lightning.losses import ChannelWiseDivergence
+from cwd_lightning.losses import ChannelWiseDivergence, CrossHeadKD
 from cwd_lightning.models import build_detector
 from cwd_lightning.tasks import DetectionTask
 from tests.helpers import cwd_module, tiny_detection_datamodule, write_jpeg
@@ -232,3 +232,67 @@ def test_a_loss_that_asks_for_boxes_gets_them_on_each_fpn_level(tiny_shapes, tmp
     with pytest.raises(ValueError, match=r"BoxesSeen needs ground-truth boxes, and this task has none"):
         cwd_module(teacher_file, [DistillTerm("boxes", "segmentation_head", "segmentation_head",
                                                         BoxesSeen(), 1.0)])  # fmt: skip
+
+
+def tiny_fcos():
+    """An FCOS-R18 (random weights) at 32 px: its heads' GroupNorm outputs can be tapped (no inplace ReLU)."""
+    return build_detector("fcos", "resnet18", 10, None, min_size=32, max_size=32)
+
+
+def crosskd_terms():
+    """CrossKD's two terms on every FPN level, as experiments/shapes_det_crosskd.yaml writes them."""
+    cls, reg = "head.classification_head", "head.regression_head"
+    rest = [f"conv.{index}" for index in (8, 9, 10, 11)]
+    return [
+        DistillTerm("cls", f"{cls}.conv.7", f"{cls}.conv.7",
+                    CrossHeadKD([f"{cls}.{name}" for name in [*rest, "cls_logits"]]), 1.0, calls="all"),
+        DistillTerm("reg", f"{reg}.conv.7", f"{reg}.conv.7",
+                    CrossHeadKD([f"{reg}.{name}" for name in [*rest, "bbox_reg"]], branch="regression",
+                                scores=f"{cls}.cls_logits"), 1.0, calls="all"),
+    ]  # fmt: skip
+
+
+def test_crosskd_runs_the_teacher_head_on_the_student_and_leaves_the_teacher_untouched(tiny_shapes, tmp_path):
+    """Three training steps: every teacher parameter's .grad stays None and the teacher is bit for bit what it
+    was; the cross-head loss alone sends gradient into the student's head below the tap; the teacher's modules
+    are not registered in the distiller (nothing of the teacher in the checkpoint's distiller keys)."""
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "fcos.pt"
+    torch.save(tiny_fcos().state_dict(), teacher_path)
+    module = DistillationModule(DetectionTask(10, example_size=32), tiny_fcos(), tiny_fcos(), str(teacher_path),
+                                crosskd_terms(), optimizer=partial(torch.optim.AdamW, lr=1e-3))  # fmt: skip
+    before = {k: v.clone() for k, v in module.teacher.state_dict().items()}
+    student_head = module.student.head.classification_head.conv[6].weight
+    datamodule = tiny_detection_datamodule(tiny_shapes.parent / "det_shapes")
+    datamodule.prepare_data()
+    datamodule.setup("fit")
+    batch = next(iter(datamodule.train_dataloader()))
+    losses = module.step_losses(batch, module.task.training_loss)
+    losses.terms["cls"].backward()
+    assert student_head.grad is not None and student_head.grad.abs().sum() > 0
+    assert module.student.head.classification_head.cls_logits.weight.grad is None  # above the tap: not reached
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert set(losses.values) >= {f"{term}/call{k}" for term in ("cls", "reg") for k in range(5)}
+    assert not any("distiller" in key for key in module.state_dict())
+    module.student.zero_grad(set_to_none=True)
+    trainer = L.Trainer(max_steps=3, limit_val_batches=1, val_check_interval=3, logger=False,
+                        enable_checkpointing=False, enable_progress_bar=False)  # fmt: skip
+    trainer.fit(module, datamodule)
+    assert float(trainer.callback_metrics["train/distill/reg"]) > 0
+    assert all(p.grad is None for p in module.teacher.parameters())
+    assert all(torch.equal(v, before[k]) for k, v in module.teacher.state_dict().items())
+
+
+def test_a_teacher_part_is_refused_when_it_names_no_module_or_a_trainable_one(tmp_path):
+    from cwd_lightning.distill.pairs import TeacherPart
+
+    torch.manual_seed(0)
+    teacher_path = tmp_path / "fcos.pt"
+    torch.save(tiny_fcos().state_dict(), teacher_path)
+    cls = "head.classification_head"
+    term = DistillTerm("cls", f"{cls}.conv.7", f"{cls}.conv.7", CrossHeadKD([f"{cls}.conv.80", f"{cls}.cls_logits"]),
+                       calls="all")  # fmt: skip
+    with pytest.raises(ValueError, match=r"term 'cls': CrossHeadKD.teacher_modules: no module .*conv.80"):
+        DistillationModule(DetectionTask(10, example_size=32), tiny_fcos(), tiny_fcos(), str(teacher_path), [term])
+    with pytest.raises(ValueError, match=r"conv.9 require gradients: a teacher part runs frozen"):
+        TeacherPart(tiny_fcos(), (f"{cls}.conv.9",), "teacher")
