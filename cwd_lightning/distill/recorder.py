@@ -56,7 +56,7 @@ class ForwardRecorder:
     def _hook_for(self, path: str):
         def hook(_module: nn.Module, _inputs: Any, output: Any) -> None:
             self.outputs[path].append(output)
-            self._versions[path].append(output._version if isinstance(output, Tensor) else None)
+            self._versions[path].append(_version(output))
 
         return hook
 
@@ -97,10 +97,16 @@ class ForwardRecorder:
         if call >= len(calls):
             raise RuntimeError(f"module {path!r} of the {self.side} ran {len(calls)} time(s), there is no call {call}")
         versions = self._versions.get(path)
-        if versions and isinstance(calls[call], Tensor) and calls[call]._version != versions[call]:
+        if versions and versions[call] is not None and _version(calls[call]) != versions[call]:
             raise RuntimeError(
                 f"the output of {self.side} module {path!r} was changed in place after it was recorded (an "
                 "inplace activation or addition follows it in the forward): tap the module that makes the "
                 "changed tensor instead"
             )
         return calls[call]
+
+
+def _version(output: Any) -> int | None:
+    """A tensor's in-place version counter; None where there is none (not a tensor, or made under inference
+    mode, as Lightning's validation runs)."""
+    return output._version if isinstance(output, Tensor) and not output.is_inference() else None

@@ -146,11 +146,13 @@ def _assert_monitor_media(run_dir: Path) -> None:
     ("shapes_det_cwd", "cwd_fpn", ["0", "1", "2"]),
     ("shapes_det_fgd", "fgd_fpn", ["0", "1", "2"]),
     ("shapes_det_crosskd", "crosskd_reg", [f"call{k}" for k in range(5)]),
+    ("methods/shapes_det_pkd_fpn", "pkd_fpn", ["0", "1", "2"]),
 ])  # fmt: skip
 def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path, experiment, term, levels):
-    """shapes_det_cwd (CWD), shapes_det_fgd (FGD, which reads the boxes) and shapes_det_crosskd (CrossKD, which runs
-    the teacher's head on the student's features) shrunk to 2 steps: a teacher from a state_dict file (the
-    student's architecture, to keep it small); CWD and FGD over the FPN levels P3-P5, CrossKD's head on P3-P7."""
+    """shapes_det_cwd (CWD), shapes_det_fgd (FGD, which reads the boxes), shapes_det_crosskd (CrossKD, which runs
+    the teacher's head on the student's features) and methods/shapes_det_pkd_fpn (PKD) shrunk to 2 steps: a teacher
+    from a state_dict file (the student's architecture, to keep it small); CWD, FGD and PKD over the FPN levels
+    P3-P5, CrossKD's head on P3-P7."""
     from cwd_lightning.models import build_detector
 
     net = REPO / "experiments" / "common" / "shapes_det_student_net.yaml"
@@ -166,9 +168,9 @@ def test_detection_distillation_through_the_cli_logs_every_fpn_level(tmp_path, e
         cwd=tmp_path,
     )  # fmt: skip
     assert result.returncode == 0, result.stderr[-3000:]
-    run_dir = tmp_path / "runs" / experiment
+    run_dir = tmp_path / "runs" / Path(experiment).name
     rows = _metrics(run_dir)
-    for level in levels:  # CWD and FGD: P3-P5 (P6/P7 are 1×1 at 64 px)
+    for level in levels:  # CWD, FGD and PKD: P3-P5 (P6/P7 are 1×1 at 64 px)
         assert len(_column(rows, f"train/distill/{term}/{level}")) == 2, level
     assert not _column(rows, f"train/distill/{term}/p7")
     if experiment == "shapes_det_crosskd":  # both branches, each on every level

@@ -96,3 +96,14 @@ def test_an_output_changed_in_place_after_it_was_recorded_is_refused():
     with pytest.raises(RuntimeError, match=r"teacher module '0' was changed in place after it was recorded"):
         recorder.get("0")
     assert (recorder.get("1") >= 0).all()
+
+
+def test_outputs_recorded_under_inference_mode_read_back():
+    """Lightning validates under torch.inference_mode, whose tensors keep no version counter: they are read
+    without the in-place check (validate used to fail with 'Inference tensors do not track version counter')."""
+    net = nn.Sequential(nn.Conv2d(3, 4, 3, padding=1), nn.ReLU())
+    recorder = ForwardRecorder(net, ["0", "1"], side="teacher")
+    with torch.inference_mode(), recorder:
+        out = net(torch.randn(1, 3, 4, 4))
+    assert recorder.get("0").is_inference() and recorder.get("0").shape == (1, 4, 4, 4)
+    assert torch.equal(recorder.get("1"), out)
