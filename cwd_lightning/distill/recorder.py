@@ -6,6 +6,7 @@ import difflib
 from collections.abc import Iterable
 from typing import Any
 
+import torch
 from torch import Tensor, nn
 from torch.utils.hooks import RemovableHandle
 
@@ -107,6 +108,9 @@ class ForwardRecorder:
 
 
 def _version(output: Any) -> int | None:
-    """A tensor's in-place version counter; None where there is none (not a tensor, or made under inference
-    mode, as Lightning's validation runs)."""
-    return output._version if isinstance(output, Tensor) and not output.is_inference() else None
+    """A tensor's in-place version counter; None where there is none (not a tensor, made under inference
+    mode as Lightning's validation runs, or traced by ``torch.compile``: reading it there breaks the graph in
+    two, so a compiled student's taps go unchecked; the eager run of the same model checks them)."""
+    if not isinstance(output, Tensor) or torch.compiler.is_compiling() or output.is_inference():
+        return None
+    return output._version
