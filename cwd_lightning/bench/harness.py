@@ -20,6 +20,8 @@ from cwd_lightning.bench.losses import CWD_TAU, PAPER_CASES, benchmark_losses
 from cwd_lightning.bench.memory import PeakMemory, module_bytes
 from cwd_lightning.bench.steps import (
     Precision,
+    cache_read_step,
+    cached_batch,
     cached_distillation_step,
     check_steps,
     distillation_step,
@@ -27,6 +29,7 @@ from cwd_lightning.bench.steps import (
     student_only_step,
     teacher_forward_step,
 )
+from cwd_lightning.bench.teacher_precision import teacher_precision_effect
 from cwd_lightning.bench.timing import Timing, summarize, time_interleaved, time_step
 from cwd_lightning.distill.module import DistillationModule
 from cwd_lightning.runs import provenance
@@ -34,7 +37,7 @@ from cwd_lightning.runs import provenance
 #: the issue's targets
 OVERHEAD_TARGET_PERCENT = 5.0
 MEMORY_TARGET_RATIO = 1.10
-CACHED_TARGET_RATIO = 1.10  # issue 11: a step from the teacher cache costs ≤ 1.10 × the student's own step
+CACHED_TARGET_RATIO = 1.03  # a step from the teacher cache costs ≤ 1.03 × the student's own step
 REFERENCE_TARGET_RATIO = 1.0
 
 
@@ -119,15 +122,16 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
         lambda: distillation_step(module, batch, options.precision), options, device, memory
     )
     release_gradients(module)
-    # (d) the distillation step from a teacher cache: the student's step, the loss, a memory-mapped read
+    # (d) the distillation step from a teacher cache: the student's step and the loss on a batch that carries
+    # the teacher's tensors; and what a loader worker does per batch to read them (off the step)
     with tempfile.TemporaryDirectory(prefix="cwd_bench_cache_") as folder:
+        with_entry, cache = cached_batch(module, batch, Path(folder) / "cache")
         cached_timing = time_step(
-            cached_distillation_step(module, batch, options.precision, Path(folder) / "cache"),
-            options.repeats,
-            options.warmup,
-            device,
+            cached_distillation_step(module, with_entry, options.precision), options.repeats, options.warmup, device
         )
+        read_timing = time_step(cache_read_step(cache, batch_size), options.repeats, options.warmup, device)
     release_gradients(module)
+    precision_effect = teacher_precision_effect(module, batch, options.repeats, options.warmup, device)
     checks = {
         name: time_step(step, options.repeats, options.warmup, device).as_dict()
         for name, step in check_steps(module, batch, options.precision).items()
@@ -199,8 +203,10 @@ def run_benchmark(options: Options) -> tuple[dict[str, Any], Path]:
             "teacher_forward": teacher_timing.as_dict(images=batch_size),
             "distillation": distill_timing.as_dict(images=batch_size),
             "distillation_from_cache": cached_timing.as_dict(images=batch_size),
+            "cache_read_in_loader_worker": read_timing.as_dict(images=batch_size),
         },
         "cached_to_student_only": cached_timing.median_ms / student_timing.median_ms,
+        "teacher_precision": precision_effect,
         "overhead": {
             "what": "distillation − student_only − teacher_forward (medians)",
             "ms": overhead_ms,
@@ -259,6 +265,6 @@ def targets(record: dict[str, Any]) -> dict[str, Any]:
         "cwd_le_reference": per_case,
         "cwd_le_reference_all": all(per_case.values()) if per_case else None,
         "memory_ratio_le_1_10": record["memory"]["ratio"] <= MEMORY_TARGET_RATIO,
-        "cached_le_1_10_student_only": record["cached_to_student_only"] <= CACHED_TARGET_RATIO,
+        "cached_le_1_03_student_only": record["cached_to_student_only"] <= CACHED_TARGET_RATIO,
         "torchdistill_loss_equal": record["peer"]["loss_check"]["equal"] if "loss_check" in record["peer"] else None,
     }

@@ -9,7 +9,10 @@ from pathlib import Path
 from typing import Any, Literal
 
 import torch
+from lightning.pytorch.utilities import move_data_to_device
+from torch.utils.data import default_collate
 
+from cwd_lightning.distill.cached_run import TeacherTensors
 from cwd_lightning.distill.guards import finite_flags
 from cwd_lightning.distill.module import DistillationModule
 from cwd_lightning.distill.teacher import CachedTeacher, TeacherOutputs
@@ -108,17 +111,33 @@ def check_steps(module: DistillationModule, batch: Any, precision: Precision) ->
     }
 
 
-def cached_distillation_step(module: DistillationModule, batch: Any, precision: Precision, folder: Path) -> Step:
-    """The distillation step of a run with a teacher cache (``model.teacher_cache``): the teacher's outputs
-    for this batch are written once into a float16 cache in ``folder`` and every step reads them back
-    through the cached source a run uses (memory-mapped file → float32 tensor) instead of running the
-    teacher."""
+def cached_distillation_step(module: DistillationModule, batch: Any, precision: Precision) -> Step:
+    """The distillation step of a run with a teacher cache (``model.teacher_cache``) on a batch that carries the
+    teacher's tensors as the training loader's workers deliver them (``cached_batch``): they are upcast on the
+    device and the teacher is not run."""
+    cached = TeacherOutputs([CachedTeacher("teacher", module.live_teachers["teacher"].recorder)], cached=True)
+    return distillation_step(module, batch, precision, teachers=cached)
+
+
+def cached_batch(module: DistillationModule, batch: Any, folder: Path) -> tuple[Any, TeacherCache]:
+    """``batch`` with its cache entry, and the cache: the teacher's tensors filled into a float16 cache in
+    ``folder``, then read per image and collated as a loader worker does (``cache_read_step``), on the module's
+    device."""
     images = module.task.batch_size(batch)
     keys = torch.stack([torch.arange(images), torch.zeros(images, dtype=torch.long)], dim=1)
     outputs = module.live_teachers["teacher"].outputs(batch)
     shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in outputs.items()}
     cache = TeacherCache(folder, shapes, images, views=1, dtype="float16")
-    cache.fill(lambda _: outputs, [(*batch, keys)], identity={"what": "make bench: one batch"})
-    cache.open()
-    cached = TeacherOutputs([CachedTeacher(cache, module.live_teachers["teacher"].recorder)], cached=True)
-    return distillation_step(module, (*batch, keys.to(module.device)), precision, teachers=cached)
+    cache.fill(lambda _: outputs, [(*batch, {"keys": keys})], identity={"what": "make bench: one batch"})
+    return (*batch, move_data_to_device(cache_read_step(cache, images)(), module.device)), cache
+
+
+def cache_read_step(cache: TeacherCache, images: int) -> Callable[[], dict]:
+    """What a loader worker does per batch in a cached run: read each image's view from the memory-mapped files
+    and collate them with the keys (off the training step, in the workers)."""
+    reader = TeacherTensors({"teacher": cache})
+
+    def read() -> dict:
+        return default_collate([{"keys": torch.tensor([i, 0]), "teacher": reader(i, 0)} for i in range(images)])
+
+    return read

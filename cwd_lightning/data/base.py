@@ -48,6 +48,11 @@ class CheckedDataModule(L.LightningDataModule):
             self.val_set = self.dataset(self.val_split, training=False)
             self._keep_readable(self.val_set, self.val_split)
 
+    def pins_memory(self) -> bool:
+        """Page-locked training batches when the run trains on a GPU: their copy to it then overlaps compute."""
+        trainer = getattr(self, "trainer", None)
+        return trainer is not None and trainer.strategy.root_device.type == "cuda"
+
     def _keep_readable(self, dataset: CheckedDataset, split: str) -> None:
         bad = set(check_samples(dataset.sample_files(), dataset.load, f"{self.root} split {split!r}",
                                 skip=self.on_bad_sample == "skip"))  # fmt: skip

@@ -80,11 +80,13 @@ class DetectionDataModule(CheckedDataModule):
         return dataset
 
     def train_dataloader(self) -> StatefulDataLoader:
-        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, collate_detection)
+        return resumable_train_loader(
+            self.train_set, self.batch_size, self.num_workers, collate_detection, pin_memory=self.pins_memory()
+        )
 
     def val_dataloader(self) -> DataLoader:
         return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers,
-                          collate_fn=collate_detection)  # fmt: skip
+                          collate_fn=collate_detection, pin_memory=self.pins_memory())  # fmt: skip
 
 
 def collate_detection(batch: list[tuple[torch.Tensor, Target]]) -> tuple[list[torch.Tensor], list[Target]]:

@@ -38,12 +38,12 @@ class SeededOrderSampler(DistributedSampler):
     ``DistributedSampler`` so that Lightning keeps it under DDP instead of wrapping it in one of its own
     (which could only fast-forward by replaying indices from whatever epoch was set at the time)."""
 
-    def __init__(self, size: int, seed: int, views: int = 0) -> None:
+    def __init__(self, size: int, seed: int, views: int = 0, views_seed: int = 0) -> None:
         distributed = torch.distributed.is_available() and torch.distributed.is_initialized()
         world = torch.distributed.get_world_size() if distributed else 1
         rank = torch.distributed.get_rank() if distributed else 0
         super().__init__(range(size), num_replicas=world, rank=rank, shuffle=True, seed=seed, drop_last=True)
-        self.size, self.views = size, views
+        self.size, self.views, self.views_seed = size, views, views_seed
 
     def state_dict(self) -> dict[str, int]:
         return {"epoch": self.epoch}
@@ -57,13 +57,14 @@ class SeededOrderSampler(DistributedSampler):
         positions = range(self.rank, self.num_samples * self.num_replicas, self.num_replicas)
         if self.views:  # a teacher cache: epoch e shows view e mod K of every image, always augmented alike
             view = self.epoch % self.views
-            return _SeededOrder([(order[p], view_seed(self.seed, order[p], view), view) for p in positions])
+            return _SeededOrder([(order[p], view_seed(self.views_seed, order[p], view), view) for p in positions])
         return _SeededOrder([(order[p], (base + p + 1) % 2**63) for p in positions])
 
 
 def view_seed(seed: int, index: int, view: int) -> int:
-    """The augmentation seed of view ``view`` of image ``index``: fixed for the run's seed, so a cached
-    teacher output and the student's input come from the same augmented image in every epoch."""
+    """The augmentation seed of view ``view`` of image ``index`` under the cache's seed ``seed`` (not the run's:
+    every run and seed of a sweep reads one cache), so a cached teacher output and the student's input come from
+    the same augmented image in every epoch of every run."""
     return (seed * _SEED_STRIDE + (index * 4096 + view + 1) * _EPOCH_STRIDE + 7) % 2**63
 
 
@@ -89,22 +90,29 @@ class _SeededOrder(Iterator[tuple[int, ...]]):
 class SeededAugmentation(Dataset):
     """``dataset[index]`` with the global torch RNG seeded for that one sample (transforms.v2 draws its
     random parameters from it), then put back as it was: the same (index, seed) always gives the same
-    augmented sample, in any worker, after any resume."""
+    augmented sample, in any worker, after any resume.
 
-    def __init__(self, dataset: Dataset) -> None:
-        self.dataset = dataset
+    A view of a teacher cache (``(index, seed, view)``) ends with ``{"keys": [index, view]}`` and, given
+    ``teacher_tensors(index, view)``, ``"teacher"``: the cached teacher tensors of that view, read here, in the
+    loader's worker, so they are batched, prefetched and pinned with the image, off the training step."""
+
+    def __init__(self, dataset: Dataset, teacher_tensors: Callable[[int, int], Any] | None = None) -> None:
+        self.dataset, self.teacher_tensors = dataset, teacher_tensors
 
     def __len__(self) -> int:
         return len(self.dataset)  # type: ignore[arg-type]
 
     def __getitem__(self, item: tuple[int, ...]) -> Any:
-        """``(index, seed)``: the augmented sample; ``(index, seed, view)``: the sample and its cache key
-        ``[index, view]`` as a last element (a teacher cache looks the teacher's outputs up by it)."""
         index, seed, *view = item
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(seed)
             sample = self.dataset[index]
-        return (*sample, torch.tensor([index, view[0]])) if view else sample
+        if not view:
+            return sample
+        entry = {"keys": torch.tensor([index, view[0]])}
+        if self.teacher_tensors is not None:
+            entry["teacher"] = self.teacher_tensors(index, view[0])
+        return (*sample, entry)
 
 
 def resumable_train_loader(
@@ -113,26 +121,32 @@ def resumable_train_loader(
     num_workers: int,
     collate_fn: Callable[[list[Any]], Any] | None = None,
     views: int = 0,
+    views_seed: int = 0,
+    teacher_tensors: Callable[[int, int], Any] | None = None,
+    pin_memory: bool = False,
 ) -> StatefulDataLoader:
     """The training loader of both data modules: seeded order and augmentations, incomplete last batch
     dropped, state saved in checkpoints. With ``views`` (a teacher cache) every image has that many fixed
-    augmented views and each batch ends with their cache keys."""
+    augmented views (seeded by ``views_seed``) and each batch ends with their cache entry (``SeededAugmentation``)."""
     return StatefulDataLoader(
-        SeededAugmentation(dataset),
+        SeededAugmentation(dataset, teacher_tensors),
         batch_size=batch_size,
-        sampler=SeededOrderSampler(len(dataset), run_seed(), views),
+        sampler=SeededOrderSampler(len(dataset), run_seed(), views, views_seed),
         drop_last=True,
         num_workers=num_workers,
         collate_fn=collate_fn,
         persistent_workers=num_workers > 0,
+        pin_memory=pin_memory,
     )
 
 
-def all_views_loader(dataset: Dataset, views: int, batch_size: int, num_workers: int) -> StatefulDataLoader:
+def all_views_loader(
+    dataset: Dataset, views: int, views_seed: int, batch_size: int, num_workers: int
+) -> StatefulDataLoader:
     """Every view of every image once, in (image, view) order, each augmented as training will see it:
     what a teacher cache is filled from."""
-    seed = run_seed()
-    items = [(index, view_seed(seed, index, view), view) for index in range(len(dataset)) for view in range(views)]  # type: ignore[arg-type]
+    items = [(index, view_seed(views_seed, index, view), view)
+             for index in range(len(dataset)) for view in range(views)]  # type: ignore[arg-type]  # fmt: skip
     return StatefulDataLoader(
         SeededAugmentation(dataset), batch_size=batch_size, sampler=items, num_workers=num_workers
     )

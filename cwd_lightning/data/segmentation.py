@@ -180,7 +180,8 @@ class SegmentationDataModule(CheckedDataModule):
         self.train_split, self.val_split = train_split, val_split
         self.batch_size, self.val_batch_size, self.num_workers = batch_size, val_batch_size, num_workers
         self.shapes, self.download = shapes, download
-        self.teacher_views = 0  # set by a teacher cache (model.teacher_cache)
+        self.teacher_views, self.views_seed = 0, 0  # set by a teacher cache (model.teacher_cache)
+        self.teacher_tensors: Callable[[int, int], Any] | None = None  # its reader, once the cache is filled
         self.train_tf = train_transforms(crop_size, base_size, scale_range, mean, std)
         self.eval_tf = eval_transforms(val_resize, mean, std)
 
@@ -198,15 +199,22 @@ class SegmentationDataModule(CheckedDataModule):
         return SegmentationFiles(voc_pairs(self.root, split), self.num_classes, transforms)
 
     def train_dataloader(self) -> StatefulDataLoader:
-        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, views=self.teacher_views)
+        return resumable_train_loader(self.train_set, self.batch_size, self.num_workers, views=self.teacher_views,
+                                      views_seed=self.views_seed, teacher_tensors=self.teacher_tensors,
+                                      pin_memory=self.pins_memory())  # fmt: skip
 
     # ---------------------------------------------------------------- what a teacher cache needs
-    def use_teacher_views(self, views: int) -> None:
-        """Train on ``views`` fixed augmented views per image, each batch with its cache keys."""
-        self.teacher_views = views
+    def use_teacher_views(self, views: int, seed: int = 0) -> None:
+        """Train on ``views`` fixed augmented views per image, augmented from the cache's ``seed``, each batch
+        with its cache entry."""
+        self.teacher_views, self.views_seed = views, seed
+
+    def serve_teacher_tensors(self, read: Callable[[int, int], Any]) -> None:
+        """``read(index, view)``: the cached teacher tensors of a view, returned with each training image."""
+        self.teacher_tensors = read
 
     def views_loader(self, batch_size: int) -> StatefulDataLoader:
-        return all_views_loader(self.train_set, self.teacher_views, batch_size, self.num_workers)
+        return all_views_loader(self.train_set, self.teacher_views, self.views_seed, batch_size, self.num_workers)
 
     def cache_identity(self) -> dict[str, Any]:
         """Everything that decides the augmented training images: a cache made under other settings is
@@ -223,7 +231,9 @@ class SegmentationDataModule(CheckedDataModule):
         }
 
     def val_dataloader(self) -> DataLoader:
-        return DataLoader(self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers)
+        return DataLoader(
+            self.val_set, batch_size=self.val_batch_size, num_workers=self.num_workers, pin_memory=self.pins_memory()
+        )
 
 
 def _download_voc(root: Path) -> None:

@@ -10,12 +10,13 @@ from lightning.pytorch.cli import OptimizerCallable
 from torch import Tensor, nn
 
 from cwd_lightning.distill.budget import TimeBudget, TimeBudgetSteps, TrainingClock
+from cwd_lightning.distill.cached_run import CachedTeacherRun, TeacherCacheOptions
 from cwd_lightning.distill.distiller import Distiller
 from cwd_lightning.distill.guards import NonFiniteChecks, NonFiniteGuard
 from cwd_lightning.distill.pairs import StepContext, StepLosses
 from cwd_lightning.distill.preparation import prepare_losses
 from cwd_lightning.distill.schedules import VIRTUAL_STEPS, Schedule, build_schedule
-from cwd_lightning.distill.speed import SpeedSwitches
+from cwd_lightning.distill.speed import SpeedSwitches, TeacherPrecision, TeacherSpeed
 from cwd_lightning.distill.teacher import (
     FrozenTeachers,
     LiveTeacher,
@@ -26,24 +27,24 @@ from cwd_lightning.distill.teacher import (
     strip_from_checkpoint,
     teacher_files,
 )
-from cwd_lightning.distill.teacher_cache import TeacherCacheOptions, cached_teacher_outputs, serve_cache_views
 from cwd_lightning.distill.terms import DistillTerm
 from cwd_lightning.distill.weights import TermWeights, calibrate, share_layer_parameters
 from cwd_lightning.tasks import Task, check_class_counts
 
 
-class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.LightningModule):
+class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, CachedTeacherRun, L.LightningModule):
     """Total loss = task loss + Σ weight · term. Without teacher and terms it trains a plain model
     (a teacher or a baseline student) through the same code path.
 
     Teachers (``teacher`` and the named ``teachers``, weights in ``teacher_checkpoint(s)``) are frozen, in eval
     mode, under ``no_grad``, fingerprinted, left out of the checkpoints and restored on resume (``teacher.py``);
-    ``teacher_cache`` serves their tensors from caches. ``optimizer`` trains the student, the connectors and
-    the losses' own modules; a loss with an optimiser of its own switches to manual optimisation, one update
-    of each per batch; a loss's preparation runs once before the first step (``preparation.py``). Non-finite
-    values stop the run or, with ``on_non_finite: skip``, the step (``guards.py``). Term weights may follow a
-    schedule or a calibration (``weights.py``); ``time_budget`` trains for seconds instead of steps
-    (``budget.py``).
+    ``teacher_cache`` serves their tensors from caches (``cached_run.py``); ``teacher_precision`` and
+    ``teacher_channels_last`` run them otherwise than the student (``speed.py``). ``optimizer`` trains the
+    student, the connectors and the losses' own modules; a loss with an optimiser of its own switches to manual
+    optimisation, one update of each per batch; a loss's preparation runs once before the first step
+    (``preparation.py``). Non-finite values stop the run or, with ``on_non_finite: skip``, the step
+    (``guards.py``). Term weights may follow a schedule or a calibration (``weights.py``); ``time_budget`` trains
+    for seconds instead of steps (``budget.py``).
     """
 
     def __init__(
@@ -64,6 +65,8 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
         teachers: dict[str, nn.Module] | None = None,
         teacher_checkpoints: dict[str, str] | None = None,
         time_budget: TimeBudget | None = None,
+        teacher_precision: TeacherPrecision = "auto",
+        teacher_channels_last: bool | None = None,
     ) -> None:
         super().__init__()
         self.task, self.student, self.teacher = task, student, teacher
@@ -73,7 +76,9 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
         self.optimizer_factory = optimizer
         self.lr_schedule, self.poly_power, self.warmup_steps = lr_schedule, poly_power, warmup_steps
         self.guard = NonFiniteGuard(on_non_finite)
-        self.speed = SpeedSwitches(channels_last, compile_student)
+        self.speed = SpeedSwitches(
+            channels_last, compile_student, TeacherSpeed(teacher_precision, teacher_channels_last)
+        )
         if teacher_cache is not None and not self.terms:
             raise ValueError("model.teacher_cache caches the teacher's tensors of the terms: set model.terms too")
         self.teacher_cache = teacher_cache
@@ -89,10 +94,8 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
         if self.terms:
             models = self.all_teachers()
             self.distiller = Distiller(self.terms, student, models).build(task, student, models)
-            recorders = self.distiller.teacher_recorders
-            self.live_teachers = {
-                name: LiveTeacher(models[name], task, recorder) for name, recorder in recorders.items()
-            }
+            self.live_teachers = {name: LiveTeacher(models[name], task, recorder, self.speed.teacher)
+                                  for name, recorder in self.distiller.teacher_recorders.items()}  # fmt: skip
         self.live_outputs = TeacherOutputs(list(self.live_teachers.values()))  # training steps: maybe the cache
         self.training_outputs = self.live_outputs
         self.automatic_optimization = self.distiller is None or not self.distiller.auxiliary_pairs()
@@ -109,11 +112,13 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
         teachers: Any = None,
         auxiliary: bool = False,
         weights: dict[str, float] | None = None,
+        distill: bool = True,
     ) -> StepLosses:
         """Record the teachers' tensors (``teachers``: a ``TeacherOutputs``, the live teachers by default) and
-        run ``student_step`` recorded; the terms are weighted by ``weights`` (their own weights by default)."""
+        run ``student_step`` recorded; the terms are weighted by ``weights`` (their own weights by default).
+        Without ``distill`` (or terms) the student runs alone."""
         batch = self.speed.inputs(batch)
-        if self.distiller is None:
+        if self.distiller is None or not distill:
             task_loss, parts = student_step(self.student, batch)
             return StepLosses(task_loss, parts, torch.zeros((), device=self.device))
         batch = (teachers or self.live_outputs).record(batch)
@@ -179,7 +184,7 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
             self.trainer.strategy.optimizer_step(optimizer.optimizer, closure=lambda: None, model=self)
 
     def validation_step(self, batch: Any, batch_idx: int) -> None:
-        losses = self.step_losses(batch, self.task.validation_step)
+        losses = self.step_losses(batch, self.task.validation_step, distill=self.validates_with_teachers(batch_idx))
         logs = {"val/loss_task": losses.task} if losses.task is not None else {}  # detectors: no eval loss
         logs.update({f"val/distill/{name}": value for name, value in losses.values.items()})
         self.log_dict(logs, batch_size=self.task.batch_size(batch), sync_dist=True)
@@ -232,10 +237,6 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
         """Lightning calls this once the module is on its device, before fit and validate."""
         self.speed.apply(self.student, list(self.all_teachers().values()))
 
-    def setup(self, stage: str) -> None:
-        if stage == "fit" and self.teacher_cache is not None:
-            serve_cache_views(self.teacher_cache, self.trainer.datamodule)
-
     def on_train_start(self) -> None:
         """The losses' preparations on the teacher, once before the first step (a resume has them already)."""
         if self.distiller is not None and self.distiller.preparing_pairs():
@@ -244,7 +245,4 @@ class DistillationModule(FrozenTeachers, NonFiniteChecks, TimeBudgetSteps, L.Lig
     def on_fit_start(self) -> None:
         self.guard.check_distributed(self.trainer.world_size)
         self.check_budget_limits()
-        if self.teacher_cache is not None:  # the training steps read each teacher's cache from now on
-            fingerprints, device = self.teacher_fingerprints, self.device
-            self.training_outputs = cached_teacher_outputs(self.teacher_cache, self.live_teachers, fingerprints,
-                                                           self.trainer, device)  # fmt: skip
+        self.open_teacher_caches()  # with model.teacher_cache, the training steps read the caches from now on

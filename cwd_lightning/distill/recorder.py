@@ -8,6 +8,7 @@ from typing import Any
 
 import torch
 from torch import Tensor, nn
+from torch.utils._pytree import tree_map
 from torch.utils.hooks import RemovableHandle
 
 
@@ -74,6 +75,14 @@ class ForwardRecorder:
         """Outputs recorded elsewhere (the teacher cache's) in place of a forward's."""
         self.outputs, self._versions = outputs, {}
 
+    def to_float32(self) -> None:
+        """Every recorded bf16/fp16 tensor (in nested outputs too) in fp32, each first checked as ``get`` checks it:
+        a teacher run in lower precision gives the losses fp32 tensors."""
+        for path, calls in self.outputs.items():
+            for call in range(len(calls)):
+                calls[call] = tree_map(_upcast, self.get(path, call))
+        self._versions = {path: [_version(output) for output in calls] for path, calls in self.outputs.items()}
+
     @property
     def active(self) -> bool:
         return bool(self._handles)
@@ -105,6 +114,12 @@ class ForwardRecorder:
                 "changed tensor instead"
             )
         return calls[call]
+
+
+def _upcast(value: Any) -> Any:
+    if isinstance(value, Tensor) and value.dtype in (torch.bfloat16, torch.float16):
+        return value.float()
+    return value
 
 
 def _version(output: Any) -> int | None:

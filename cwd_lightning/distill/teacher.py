@@ -12,6 +12,7 @@ import torch
 from torch import Tensor, nn
 
 from cwd_lightning.distill.recorder import ForwardRecorder
+from cwd_lightning.distill.speed import TeacherSpeed
 from cwd_lightning.distill.terms import teacher_side
 from cwd_lightning.models.weights import load_weights, read_weights
 
@@ -115,14 +116,20 @@ def restore_into_checkpoint(checkpoint: dict, teachers: dict[str, nn.Module], fi
 
 class LiveTeacher:
     """A step's teacher tensors from the frozen teacher itself, run on the batch under ``no_grad`` with the
-    tapped modules recorded."""
+    tapped modules recorded, in the precision its ``speed`` says (outputs of a bf16/fp16 teacher in fp32)."""
 
-    def __init__(self, teacher: nn.Module, task: Any, recorder: ForwardRecorder) -> None:
+    def __init__(
+        self, teacher: nn.Module, task: Any, recorder: ForwardRecorder, speed: TeacherSpeed | None = None
+    ) -> None:
         self.teacher, self.task, self.recorder = teacher, task, recorder
+        self.speed = speed or TeacherSpeed()
 
     def record(self, batch: Any) -> None:
-        with torch.no_grad(), self.recorder:
+        device = next((p.device for p in self.teacher.parameters()), torch.device("cpu"))
+        with torch.no_grad(), self.speed.autocast(device), self.recorder:
             self.task.run(self.teacher, self.task.batch_inputs(batch), self.recorder.paths)
+        if self.speed.upcasts:
+            self.recorder.to_float32()
 
     def outputs(self, batch: Any) -> dict[str, list[Tensor]]:
         """The recorded tensors (every call of every tapped module), as a cache stores them; a module whose
@@ -138,15 +145,20 @@ class LiveTeacher:
 
 
 class CachedTeacher:
-    """A step's teacher tensors read from the teacher-output cache, the teacher not run, by the ``[image, view]``
-    keys that end the training batches of a cached run (``data/sampling.py``)."""
+    """A step's tensors of the teacher ``name`` from its cache, the teacher not run: the training loader's workers
+    read them with each image (``data/sampling.py``), they come with the batch's cache entry, already on the
+    step's device, and are upcast there to fp32."""
 
-    def __init__(self, cache: Any, recorder: ForwardRecorder) -> None:
-        self.cache, self.recorder = cache, recorder
+    def __init__(self, name: str, recorder: ForwardRecorder) -> None:
+        self.name, self.recorder = name, recorder
 
     def record(self, batch: Any) -> None:
-        keys = batch[-1]
-        self.recorder.load(self.cache.lookup(keys, keys.device))
+        entry = batch[-1]
+        if not isinstance(entry, dict) or self.name not in entry.get("teacher", {}):
+            raise RuntimeError(f"the training batch carries no cached tensors of teacher {self.name!r}: a cached run "
+                               "trains from the loader its data module builds once the caches are open")  # fmt: skip
+        tensors = entry["teacher"][self.name]
+        self.recorder.load({path: [tensor.float() for tensor in calls] for path, calls in tensors.items()})
 
 
 class TeacherOutputs:

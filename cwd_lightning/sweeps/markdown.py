@@ -65,6 +65,21 @@ def write_markdown(table: Table, results: Path) -> Path:
         f"- teacher fingerprint(s): {', '.join(teachers) or '–'}",
         "",
     ]  # fmt: skip
+    cached = {r["row"]: (r.get("resolved_config") or {}).get("model", {}).get("teacher_cache") for r in everything}
+    cached = {row: options for row, options in cached.items() if options}
+    if cached:
+        settings = sorted({f"K = {o['views']}, {o['dtype']}, view seed {o.get('seed', 0)}" for o in cached.values()})
+        exact = all(o["views"] == "epochs" and o["dtype"] == "float32" for o in cached.values())
+        protocol = (
+            "one view per epoch in float32: the targets are the live teacher's on the same augmented views, bit for "
+            "bit, so this is the live protocol with another augmentation draw"
+            if exact
+            else "K views replayed over the epochs: less augmentation diversity than a live teacher"
+        )
+        rows_read = ", ".join(f"`{row}`" for row in cached)
+        lines.insert(-1, f"- teacher cache: rows {rows_read} read the teacher's tensors from a cache "
+                         f"({'; '.join(settings)}) filled once and shared by their seeds and by rows that distil the "
+                         f"same teacher tensors; the others ran the live teacher: {protocol}")  # fmt: skip
     budget = table.budget
     if budget is not None:
         lines[-1:-1] = [f"- equal compute: every row trains for {budget.seconds:g} s of its training loop "

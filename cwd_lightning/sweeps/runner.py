@@ -10,6 +10,7 @@ import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor, as_completed
+from dataclasses import replace
 from pathlib import Path
 
 import torch
@@ -41,6 +42,11 @@ def resolved_config(row: Row, table: Table, experiments: Path) -> dict:
                     f"table {table.name!r}, row {row.name!r}: the config does not resolve:\n{errors.getvalue()[-2000:]}"
                 ) from None
     return yaml.safe_load(printed.getvalue())
+
+
+def distils(resolved: dict) -> bool:
+    """Whether a resolved config has distillation terms (a row without them trains the student alone)."""
+    return bool((resolved.get("model") or {}).get("terms"))
 
 
 def teacher_fingerprint(resolved: dict) -> str | None:
@@ -156,6 +162,11 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
     if unknown:
         raise ValueError(f"table {table.name!r} has no row(s) {unknown}; its rows: {[row.name for row in table.rows]}")
     resolved = {row.name: resolved_config(row, table, experiments) for row in table.rows}
+    if table.teacher_cache is not None:  # the rows that distil read the table's shared cache
+        table = replace(table, rows=[replace(row, args=[*row.args, *table.teacher_cache.args()])
+                                     if distils(resolved[row.name]) else row for row in table.rows])  # fmt: skip
+        resolved = {row.name: resolved_config(row, table, experiments) if distils(resolved[row.name])
+                    else resolved[row.name] for row in table.rows}  # fmt: skip
     check_same_recipe(table, resolved)
     digests = {name: identity_digest(config) for name, config in resolved.items()}
     teachers = {name: teacher_fingerprint(config) for name, config in resolved.items()}

@@ -35,6 +35,24 @@ class Budget:
 
 
 @dataclass
+class SharedCache:
+    """``teacher_cache`` of a table: every row that distils reads a teacher cache with these settings, shared by its
+    seeds and by the rows that distil the same teacher tensors (``model.teacher_cache.seed`` is the table's, not the
+    run's). ``views: epochs`` gives each row one view per epoch of its schedule; with ``dtype: float32`` the targets
+    are then the live teacher's on the same views, bit for bit: the live protocol with another augmentation draw."""
+
+    views: int | str = "epochs"
+    dtype: str = "float32"
+    seed: int = 0
+    folder: str | None = None
+
+    def args(self) -> list[str]:
+        folder = ["--model.teacher_cache.folder", self.folder] if self.folder else []
+        return ["--model.teacher_cache.views", str(self.views), "--model.teacher_cache.dtype", self.dtype,
+                "--model.teacher_cache.seed", str(self.seed), *folder]  # fmt: skip
+
+
+@dataclass
 class Table:
     name: str
     title: str
@@ -44,6 +62,7 @@ class Table:
     baseline: str = "baseline"
     notes: str = ""
     budget: Budget | None = None
+    teacher_cache: SharedCache | None = None
 
     @property
     def shared_args(self) -> list[str]:
@@ -76,6 +95,17 @@ class Table:
                 raise ValueError(f"{path}: a table with a budget ends its runs by time; drop --trainer.max_steps / "
                                  "--trainer.max_epochs from its args")  # fmt: skip
             budget = Budget(float(budget["seconds"]), str(budget.get("clock", "process")))
+        cache = spec.get("teacher_cache")
+        if cache is not None:
+            if not isinstance(cache, dict) or set(cache) - {"views", "dtype", "seed", "folder"}:
+                raise ValueError(
+                    f"{path}: teacher_cache may set views (a number or 'epochs'), dtype, seed and folder, got {cache}"
+                )
+            if budget is not None and cache.get("views", "epochs") == "epochs":
+                raise ValueError(
+                    f"{path}: a table with a budget has no fixed number of epochs: give teacher_cache.views"
+                )
+            cache = SharedCache(**cache)
         table = cls(
             name=spec["name"],
             title=spec.get("title", spec["name"]),
@@ -85,6 +115,7 @@ class Table:
             baseline=spec.get("baseline", "baseline"),
             notes=spec.get("notes", ""),
             budget=budget,
+            teacher_cache=cache,
         )
         if table.baseline not in names:
             raise ValueError(f"{path}: baseline row {table.baseline!r} is not among the rows {names}")

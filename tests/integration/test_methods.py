@@ -165,3 +165,40 @@ def test_a_table_at_equal_compute_gives_every_row_its_budget(teacher_run, tiny_s
         assert "--model.time_budget.seconds" in result["args"]
     text = report.read_text()
     assert "steps reached" in text and "training time / step" in text and "every row trains for 3 s" in text
+
+
+@pytest.mark.slow
+def test_a_table_with_a_shared_cache_fills_it_once_for_every_distilled_row_and_seed(teacher_run, tiny_shapes, tmp_path):
+    """Two rows that distil the same teacher tensors × two seeds, two runs side by side: one cache, filled once (the
+    run that finds another filling waits on its lock); the baseline runs without one; the table says which rows
+    read it."""
+    from cwd_lightning.sweeps.runner import run_table
+    from cwd_lightning.sweeps.spec import Table
+
+    _, teacher_dir, _, _ = teacher_run
+    shared = ["--model.teacher", str(REPO / "experiments" / "common" / "shapes_student_net.yaml"),
+              "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), *tiny_overrides(tiny_shapes, 8),
+              "--trainer.callbacks", "[]"]  # fmt: skip
+    cache = tmp_path / "cache"
+    table_file = tmp_path / "cached.yaml"
+    table_file.write_text(yaml.safe_dump({
+        "name": "cached", "seeds": [0, 1], "args": shared, "teacher_cache": {"folder": str(cache)},
+        "rows": [{"name": "baseline", "config": "shapes_student"}, {"name": "cwd", "config": "shapes_cwd"},
+                 {"name": "tau2", "config": "shapes_cwd", "args": ["--model.terms.0.loss.init_args.tau", "2"]}],
+    }))  # fmt: skip
+    results, runs = tmp_path / "results", tmp_path / "runs"
+    report = run_table(Table.load(table_file), REPO / "experiments", runs, results, jobs=2)
+    (folder,) = [p for p in cache.iterdir() if p.is_dir()]
+    index = json.loads((folder / "cache.json").read_text())
+    assert index["views"] == 2 and index["dtype"] == "float32" and index["seed"] == 0  # 8 steps of 6: 2 epochs
+    logs = {p.stem: p.read_text() for p in (runs / "tables" / "cached").glob("*_seed*.log")}
+    assert sorted(name for name, text in logs.items() if "filling the teacher cache" in text) in (
+        ["cwd_seed0"], ["tau2_seed0"], ["cwd_seed1"], ["tau2_seed1"])  # fmt: skip
+    for row in ("cwd", "tau2"):
+        for seed in (0, 1):
+            result = json.loads((results / f"cached/{row}/seed{seed}.json").read_text())
+            assert result["resolved_config"]["model"]["teacher_cache"]["views"] == "epochs"
+    baseline = json.loads((results / "cached/baseline/seed0.json").read_text())
+    assert baseline["resolved_config"]["model"]["teacher_cache"] is None
+    text = report.read_text()
+    assert "teacher cache: rows `cwd`, `tau2` read" in text and "bit for bit" in text

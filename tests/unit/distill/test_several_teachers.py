@@ -103,12 +103,13 @@ def test_a_cached_run_caches_each_teacher_on_its_own(teacher_file, unet_teacher,
     _trainer(2).fit(module, data)
     sources = module.training_outputs.sources
     assert module.training_outputs.cached and all(isinstance(source, CachedTeacher) for source in sources)
-    folders = {source.cache.folder for source in sources}
+    assert [source.name for source in sources] == list(module.live_teachers) == ["teacher", "unet"]
+    folders = {cache.folder for cache in module.teacher_caches.values()}
     assert len(folders) == 2 and all((folder / "cache.json").is_file() for folder in folders)
     batch = next(iter(data.train_dataloader()))
-    for name, source in zip(module.live_teachers, sources, strict=True):
+    for name in module.live_teachers:
         live = module.live_teachers[name].outputs(batch[:2])
-        cached = source.cache.lookup(batch[2], torch.device("cpu"))
+        cached = batch[-1]["teacher"][name]  # read by the loader with each image
         assert sorted(live) == sorted(cached)
         assert all(torch.equal(live[path][0], cached[path][0]) for path in live), name  # float32: bit for bit
 

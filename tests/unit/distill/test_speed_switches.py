@@ -84,3 +84,41 @@ def test_bf16_mixed_training_through_lightning(setup, tiny_shapes):
     assert trainer.global_step == 2
     assert 0.0 <= float(trainer.callback_metrics["val/mIoU"]) <= 1.0
     assert module.non_finite_state() == []
+
+
+def _teacher_logits(module, batch, autocast: bool = False):
+    with torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast):
+        return module.live_teachers["teacher"].outputs(batch)["segmentation_head"][0]
+
+
+def test_the_teachers_precision_is_their_own(setup):
+    """bf16/fp16: fp32 targets within a small CWD of the fp32 teacher's; 32: fp32 bit for bit even under the
+    student's bf16 autocast; auto: as the student (bf16 under its autocast)."""
+    from cwd_lightning.losses import ChannelWiseDivergence
+
+    teacher_file, batch = setup
+    reference = cwd_module(teacher_file)
+    fp32 = _teacher_logits(reference, batch)
+    cwd = ChannelWiseDivergence(4.0)
+    for precision in ("bf16", "16"):
+        low = _teacher_logits(_same_weights(teacher_file, reference, teacher_precision=precision), batch)
+        assert low.dtype == torch.float32 and not torch.equal(low, fp32), precision
+        assert float(cwd(low, fp32)) < 1e-3, precision
+        assert float((low - fp32).abs().max()) < 0.05 * float(fp32.abs().max()), precision
+    in_fp32 = _teacher_logits(_same_weights(teacher_file, reference, teacher_precision="32"), batch, autocast=True)
+    assert torch.equal(in_fp32, fp32)
+    assert _teacher_logits(reference, batch, autocast=True).dtype == torch.bfloat16
+    with pytest.raises(ValueError, match=r"model.teacher_precision must be auto, 32, bf16 or 16, got 'fp8'"):
+        cwd_module(teacher_file, teacher_precision="fp8")
+
+
+def test_the_teachers_layout_is_their_own(setup):
+    teacher_file, _ = setup
+    module = cwd_module(teacher_file, channels_last=True, teacher_channels_last=False)
+    module.configure_model()
+    assert module.student.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert module.teacher.encoder.conv1.weight.is_contiguous()
+    only_teacher = cwd_module(teacher_file, teacher_channels_last=True)
+    only_teacher.configure_model()
+    assert only_teacher.teacher.encoder.conv1.weight.is_contiguous(memory_format=torch.channels_last)
+    assert only_teacher.student.encoder.conv1.weight.is_contiguous()

@@ -3,6 +3,7 @@ truncated files refilled, the disk space checked, the teacher never run from the
 
 from __future__ import annotations
 
+import csv
 import json
 import shutil
 
@@ -10,13 +11,15 @@ import lightning as L
 import numpy as np
 import pytest
 import torch
+from lightning.pytorch.loggers import CSVLogger
 
+from cwd_lightning.data.sampling import view_seed
 from cwd_lightning.distill import CachedTeacher, TeacherCacheOptions
 from tests.helpers import cwd_module, tiny_datamodule
 
 
-def _fit(teacher_file, data_root, cache_dir, steps=3, dtype="float32", views=2):
-    module = cwd_module(teacher_file, teacher_cache=TeacherCacheOptions(views, str(cache_dir), dtype))
+def _fit(teacher_file, data_root, cache_dir, steps=3, dtype="float32", views=2, **options):
+    module = cwd_module(teacher_file, teacher_cache=TeacherCacheOptions(views, str(cache_dir), dtype, **options))
     data = tiny_datamodule(data_root)
     trainer = L.Trainer(max_steps=steps, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)  # fmt: skip
@@ -28,17 +31,21 @@ def _cache(module):
     """The cache the module's training steps read (a cached run's teacher-output source)."""
     assert module.training_outputs.cached
     (source,) = module.training_outputs.sources
-    assert isinstance(source, CachedTeacher)
-    return source.cache
+    assert isinstance(source, CachedTeacher) and source.name == "teacher"
+    return module.teacher_caches["teacher"]
+
+
+def _array(cache):
+    return np.load(next(cache.folder.glob("*.npy")), mmap_mode="r")
 
 
 def _live_and_cached(module, data, batches=3):
-    """For training batches (images, masks, keys): the live teacher's tensors and the cache's."""
+    """For training batches (images, masks, cache entry): the live teacher's tensors and those the loader brought
+    with the batch from the cache (in the stored dtype)."""
     pairs = []
     for batch, _ in zip(data.train_dataloader(), range(batches), strict=False):
         live = module.live_teachers["teacher"].outputs(batch[:2])
-        cached = _cache(module).lookup(batch[2], torch.device("cpu"))
-        pairs.append((live, cached, batch[2]))
+        pairs.append((live, batch[-1]["teacher"]["teacher"], batch[-1]["keys"]))
     return pairs
 
 
@@ -46,15 +53,15 @@ def test_cached_targets_equal_the_live_teacher_on_the_same_views(teacher_file, t
     module, data = _fit(teacher_file, tiny_shapes, tmp_path / "cache")
     cache = _cache(module)
     assert cache is not None and (cache.folder / "cache.json").is_file()
-    assert cache.arrays["segmentation_head"][0].shape == (24, 2, 11, 32, 32)
+    assert _array(cache).shape == (24, 2, 11, 32, 32)
     for epoch in (0, 1, 2):  # views 0, 1, 0: every epoch replays a stored view
-        data.train_dataloader().sampler.set_epoch(epoch)
         loader = data.train_dataloader()
         loader.sampler.set_epoch(epoch)
         for batch, _ in zip(loader, range(2), strict=False):
-            assert set(batch[2][:, 1].tolist()) == {epoch % 2}
+            entry = batch[-1]
+            assert set(entry["keys"][:, 1].tolist()) == {epoch % 2}
             live = module.live_teachers["teacher"].outputs(batch[:2])["segmentation_head"][0]
-            cached = cache.lookup(batch[2], torch.device("cpu"))["segmentation_head"][0]
+            cached = entry["teacher"]["teacher"]["segmentation_head"][0]
             assert torch.equal(live, cached)  # float32: bit for bit
 
 
@@ -62,6 +69,8 @@ def test_float16_cache_error_is_bounded(teacher_file, tiny_shapes, tmp_path):
     module, data = _fit(teacher_file, tiny_shapes, tmp_path / "cache", dtype="float16")
     for live, cached, _ in _live_and_cached(module, data):
         live, cached = live["segmentation_head"][0], cached["segmentation_head"][0]
+        assert cached.dtype == torch.float16  # the loader brings the stored dtype; the step upcasts on its device
+        cached = cached.float()
         # float16 keeps 11 significant bits: relative error ≤ 2^-11 of each value (plus subnormals)
         assert (live - cached).abs().max() <= live.abs().max() * 2**-10
         loss = module.distiller.terms[0].loss
@@ -123,7 +132,7 @@ def test_training_from_the_cache_never_runs_the_teacher(teacher_file, tiny_shape
     trainer = L.Trainer(max_steps=4, logger=False, enable_checkpointing=False, enable_progress_bar=False,
                         limit_val_batches=0, enable_model_summary=False)  # fmt: skip
     trainer.fit(module, tiny_datamodule(tiny_shapes))
-    assert np.load(next(_cache(module).folder.glob("*.npy")), mmap_mode="r").shape[:2] == (24, 2)
+    assert _array(_cache(module)).shape[:2] == (24, 2)
     # one forward for the tensors' shapes, 12 batches of 4 to fill 24 images × 2 views, none in the 4 steps
     assert trainer.global_step == 4 and calls == [0] * 13
 
@@ -147,3 +156,110 @@ def test_design_b_replay_equals_live_for_a_teacher_that_commutes_with_the_augmen
             replay = _augment(teacher(image[None])[0], **params)
         valid = _augment(torch.ones(1, 40, 56), **params)[0] > 0.5
         assert torch.allclose(live[:, valid], replay[:, valid], atol=1e-5)
+
+
+def test_the_views_are_the_cache_seeds_so_runs_of_every_seed_share_one_cache(
+    teacher_file, tiny_shapes, tmp_path, monkeypatch
+):
+    """The run seed orders the data; the cache seed alone draws the views: a second seed reads the first one's cache
+    (not filled again) and sees the same augmented view of an image in another order."""
+    first, first_data = _fit(teacher_file, tiny_shapes, tmp_path / "cache")
+    stamp = (_cache(first).folder / "cache.json").stat().st_mtime_ns
+    monkeypatch.setenv("PL_GLOBAL_SEED", "1")
+    second, second_data = _fit(teacher_file, tiny_shapes, tmp_path / "cache")
+    assert _cache(second).folder == _cache(first).folder
+    assert (_cache(second).folder / "cache.json").stat().st_mtime_ns == stamp
+    monkeypatch.setenv("PL_GLOBAL_SEED", "0")
+    images = {}
+    for seed, data in (("0", first_data), ("1", second_data)):
+        monkeypatch.setenv("PL_GLOBAL_SEED", seed)
+        batch = next(iter(data.train_dataloader()))
+        images[seed] = {tuple(key.tolist()): image for key, image in zip(batch[-1]["keys"], batch[0], strict=True)}
+    assert list(images["0"]) != list(images["1"])  # another order
+    first_loader = first_data.train_dataloader()
+    for key, image in images["1"].items():  # the same view of an image is the same augmented image
+        index, view = key
+        item = (index, view_seed(0, index, view), view)
+        assert torch.equal(first_loader.dataset[item][0], image)
+    other_seed, _ = _fit(teacher_file, tiny_shapes, tmp_path / "cache", seed=5)  # another cache seed: other views
+    assert _cache(other_seed).folder != _cache(first).folder
+
+
+def test_views_epochs_is_one_view_per_epoch_of_the_schedule(teacher_file, tiny_shapes, tmp_path):
+    module, _ = _fit(teacher_file, tiny_shapes, tmp_path / "cache", steps=8, views="epochs")
+    assert _array(_cache(module)).shape[:2] == (24, 2)  # 24 images / batch 4 = 6 steps an epoch: 8 steps, 2 epochs
+    with pytest.raises(ValueError, match=r"views must be ≥ 1 or 'epochs', got 'all'"):
+        TeacherCacheOptions("all")
+
+
+def test_two_processes_that_need_one_cache_fill_it_once(tmp_path):
+    """Rows of a sweep side by side: the second waits on the lock, then reads what the first wrote."""
+    import threading
+    import time
+
+    from cwd_lightning.distill.cached_run import fill_once
+    from cwd_lightning.distill.teacher_cache import TeacherCache
+
+    folder = tmp_path / "cache" / "digest"
+    outputs = {"head": [torch.arange(6.0).reshape(2, 3)]}
+    keys = torch.tensor([[0, 0], [1, 0]])
+    filled = []
+
+    def fill(cache):
+        time.sleep(0.3)  # long enough for the other thread to reach the lock
+        cache.fill(lambda _: outputs, [(None, {"keys": keys})], identity={"test": 1})
+
+    def run():
+        cache = TeacherCache(folder, {"head": [[3]]}, images=2, views=1, dtype="float32")
+        filled.append(fill_once(cache, lambda: fill(cache)))
+
+    threads = [threading.Thread(target=run) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert sorted(filled) == [False, True]
+    cache = TeacherCache(folder, {"head": [[3]]}, images=2, views=1, dtype="float32")
+    assert torch.equal(cache.read(1, 0)["head"][0], torch.tensor([3.0, 4.0, 5.0]))
+
+
+def test_a_cached_step_refuses_a_batch_without_the_teachers_tensors(teacher_file):
+    source = CachedTeacher("teacher", cwd_module(teacher_file).live_teachers["teacher"].recorder)
+    with pytest.raises(RuntimeError, match=r"carries no cached tensors of teacher 'teacher'"):
+        source.record((torch.zeros(1, 3, 8, 8), torch.zeros(1, 8, 8), {"keys": torch.zeros(1, 2)}))
+
+
+@pytest.mark.parametrize(
+    ("every", "batches", "monitor_every", "expected"),
+    [(2, 1, None, [(2, 0), (4, 0)]), (None, None, None, []), (None, None, 3, [(3, 0), (3, 1)]), (1, None, None,
+     [(v, b) for v in (1, 2, 3, 4) for b in (0, 1)])],
+)  # fmt: skip
+def test_a_cached_fit_validates_with_the_teacher_only_when_asked(
+    teacher_file, tiny_shapes, tmp_path, every, batches, monitor_every, expected
+):
+    """Every ``validation_every``-th validation (default: the channel monitor's cadence, never without one), its
+    first ``validation_batches``; the student's metrics at every validation."""
+    from cwd_lightning.callbacks import ChannelDistributionMonitor
+
+    options = TeacherCacheOptions(2, str(tmp_path / "cache"), validation_every=every, validation_batches=batches)
+    module = cwd_module(teacher_file, teacher_cache=options)
+    calls, batch_index = [], [None]
+    watcher = L.Callback()
+    watcher.on_validation_batch_start = lambda trainer, module, batch, index, *_: batch_index.__setitem__(0, index)
+    module.teacher.register_forward_hook(
+        lambda *args: calls.append((module.validations_run, batch_index[0])) if module.trainer.validating else None
+    )
+    callbacks = [watcher, *([ChannelDistributionMonitor(every_n_epochs=monitor_every)] if monitor_every else [])]
+    logger = CSVLogger(tmp_path / "logs", name="", version="")
+    trainer = L.Trainer(max_steps=4, val_check_interval=1, limit_val_batches=2, num_sanity_val_steps=0, logger=logger,
+                        enable_checkpointing=False, enable_progress_bar=False, enable_model_summary=False,
+                        callbacks=callbacks)  # fmt: skip
+    data = tiny_datamodule(tiny_shapes)
+    data.val_batch_size = 4  # two validation batches of the 8 images
+    trainer.fit(module, data)
+    assert calls == expected
+    with open(tmp_path / "logs" / "metrics.csv", newline="") as handle:
+        rows = [row for row in csv.DictReader(handle) if row.get("val/mIoU")]
+    assert len(rows) == 4  # the student's metrics at every validation
+    with_distill = [index + 1 for index, row in enumerate(rows) if row.get("val/distill/cwd_logits")]
+    assert with_distill == sorted({validation for validation, _ in expected})

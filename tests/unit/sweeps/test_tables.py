@@ -91,3 +91,15 @@ def test_the_teacher_fingerprint_of_one_teacher_or_several(tmp_path):
     missing = {"model": {**two["model"], "teacher_checkpoints": {"vit": str(tmp_path / "none.pt")}}}
     assert teacher_fingerprint(missing) is None  # not readable now: the result cannot be checked against it
     assert teacher_fingerprint({"model": {"teacher": None}}) is None
+
+
+def test_a_table_may_share_a_teacher_cache_among_its_distilled_rows(tmp_path):
+    spec = {"name": "t", "seeds": [0], "rows": ROWS, "teacher_cache": {"dtype": "float16", "seed": 3}}
+    cache = Table.load(_write(tmp_path, spec)).teacher_cache
+    assert cache.args() == ["--model.teacher_cache.views", "epochs", "--model.teacher_cache.dtype", "float16",
+                            "--model.teacher_cache.seed", "3"]  # fmt: skip
+    assert Table.load(_write(tmp_path, {**spec, "teacher_cache": {"views": 4}})).teacher_cache.views == 4
+    with pytest.raises(ValueError, match=r"teacher_cache may set views .* got \{'K': 4\}"):
+        Table.load(_write(tmp_path, {**spec, "teacher_cache": {"K": 4}}))
+    with pytest.raises(ValueError, match=r"a table with a budget has no fixed number of epochs"):
+        Table.load(_write(tmp_path, {**spec, "budget": {"seconds": 9}}))
