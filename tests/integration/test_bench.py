@@ -128,3 +128,24 @@ def test_a_record_is_never_overwritten_unless_asked(bench_record):
         patch.chdir(path.parent.parent)
         _, second = run_benchmark(options)
     assert second != path and second.name.startswith(path.stem + ".") and path.read_bytes() == before
+
+
+def test_the_gpu_check_rehearses_every_stage_on_the_cpu(tmp_path):
+    """``make gpu-check --dry-run``: the bench of cityscapes_cwd (compiled student, channels-last), a cached 16-mixed
+    fit and its resume, the export run against the student; so the GPU command cannot rot without a GPU."""
+    from cwd_lightning.bench.gpu_check import main as gpu_check
+
+    path = gpu_check(["--dry-run", "--out", str(tmp_path)])
+    record = json.loads(path.read_text())
+    assert record["dry_run"] and path.name.endswith("-dry-run.json") and path.with_suffix(".log").is_file()
+    stages = record["stages"]
+    assert list(stages) == ["bench", "fit_and_resume", "export"]
+    assert all(stage["ok"] for stage in stages.values()), stages
+    bench = json.loads(Path(stages["bench"]["record"]).read_text())
+    assert bench["experiment"] == "cityscapes_cwd" and bench["input_size"] == [3, 32, 32]
+    assert (
+        "--model.compile_student" in bench["extra_args"] and bench["teacher_weights"] == "random (checkpoint missing)"
+    )
+    fit = stages["fit_and_resume"]
+    assert fit["steps"] == 4 and fit["resumed_to"] == 6 and fit["precision"] == "16-mixed"
+    assert stages["export"]["max_abs_difference"] < 1e-3 and "student.pt2" in stages["export"]["files"]

@@ -1,10 +1,14 @@
 """Two-process DDP on the CPU (gloo, subprocesses): one run record, validation equal to one process, gradient
-accumulation, a teacher cache filled once."""
+accumulation, a teacher cache filled once; two torchrun nodes simulated on one box."""
 
 from __future__ import annotations
 
 import csv
+import os
 import re
+import socket
+import subprocess
+import sys
 from collections import Counter
 from pathlib import Path
 
@@ -112,3 +116,49 @@ def test_ddp_with_a_teacher_cache_fills_it_once_and_every_rank_reads_it(teacher_
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert (folder / "cache.json").stat().st_mtime_ns == stamp
     assert load_weights_only(runs / "cached" / "last.ckpt", "checkpoint")["global_step"] == 6
+
+
+def _two_nodes(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
+    """``args`` under two ``torchrun --nnodes 2`` launches on loopback, one process each (node ranks 0 and 1), as
+    on two machines that share the run folder."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
+    env.pop("WANDB_SERVICE", None)
+    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
+                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
+                               "-m", "cwd_lightning", *args, "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                               "--trainer.strategy", "ddp"], cwd=cwd, env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
+    finished = []
+    for node in nodes:
+        stdout, stderr = node.communicate(timeout=600)
+        finished.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
+    return finished
+
+
+def test_two_nodes_on_one_box_fit_write_one_run_record_and_resume(teacher_run, tiny_shapes, tmp_path):
+    """Two torchrun nodes (gloo on loopback, one process each): one run folder, one W&B run, each step logged once,
+    and a resume of both nodes continues it."""
+    runs = tmp_path / "runs"
+    nodes = _two_nodes(_args(teacher_run, tiny_shapes, runs, "nodes", 4), tmp_path)
+    assert [node.returncode for node in nodes] == [0, 0], [node.stderr[-3000:] for node in nodes]
+    run_dir = runs / "nodes"
+    assert sorted(p.name for p in run_dir.glob("*.ckpt")) == ["best.ckpt", "last.ckpt", "last.prev.ckpt"]
+    run_id = (run_dir / "wandb_id").read_text().strip()
+    assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [run_id]
+    assert sum(node.stdout.count("run folder:") for node in nodes) == 1  # the end-of-fit summary, once
+    steps = [row["step"] for row in _rows(run_dir) if row.get("train/loss")]
+    assert len(steps) == 4 and len(set(steps)) == 4
+    assert {row.get("global_batch_size") for row in _rows(run_dir) if row.get("global_batch_size")} == {"8.0"}
+
+    resumed = _two_nodes(["fit", "--config", str(run_dir / "config.yaml"), "--ckpt_path", "last",
+                          "--trainer.max_steps", "6"], tmp_path)  # fmt: skip
+    assert [node.returncode for node in resumed] == [0, 0], [node.stderr[-3000:] for node in resumed]
+    checkpoint = load_weights_only(run_dir / "last.ckpt", "checkpoint")
+    assert checkpoint["global_step"] == 6 and checkpoint["run_id"] == run_id
+    assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [run_id] * len(
+        list((run_dir / "wandb").glob("offline-run-*")))  # fmt: skip
+    steps = [row["step"] for row in _rows(run_dir) if row.get("train/loss")]
+    assert len(steps) == 6 and len(set(steps)) == 6
