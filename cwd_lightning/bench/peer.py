@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import copy
 import inspect
+import statistics
 from importlib.metadata import version
 from typing import Any
 
@@ -18,8 +19,8 @@ import torch
 from torch import Tensor, nn
 
 from cwd_lightning.bench.losses import ReferenceCWD
-from cwd_lightning.bench.steps import Precision, autocast
-from cwd_lightning.bench.timing import time_step
+from cwd_lightning.bench.steps import Precision, Step, autocast
+from cwd_lightning.bench.timing import summarize, time_interleaved
 from cwd_lightning.distill.module import DistillationModule
 from cwd_lightning.distill.terms import split_path
 from cwd_lightning.losses import ChannelWiseDivergence
@@ -121,10 +122,11 @@ def _relative(a: float, b: float) -> float:
 
 
 def compare(
-    module: DistillationModule, batch: Any, repeats: int, warmup: int, precision: Precision, ours_ms: float | None
+    module: DistillationModule, batch: Any, repeats: int, warmup: int, precision: Precision, ours: Step | None
 ) -> dict[str, Any]:
     """torchdistill's step on copies of the experiment's teacher and student, the same batch and optimiser
-    settings: its time per step, ours / its ratio, and its loss values against ours on the same weights."""
+    settings, timed in turn with ``ours`` (our distillation step) in every repetition: both times per step,
+    ours / its ratio per repetition (median and IQR), and its loss values against ours on the same weights."""
     try:
         from torchdistill.core.distillation import DistillationBox
         from torchdistill.losses.registry import register_low_level_loss
@@ -149,9 +151,13 @@ def compare(
                 loss = box.forward_process(images, targets=masks)
             box.post_forward_process(loss)  # backward, optimiser step, zero_grad
 
-        timing = time_step(step, repeats, warmup, module.device)
+        steps = {"torchdistill": step, **({"ours": ours} if ours is not None else {})}
+        samples = time_interleaved(steps, repeats, warmup, module.device)
     finally:
         box.clean_modules()  # its forward hooks removed
+    timing = summarize(samples["torchdistill"])
+    ratios = [a / b for a, b in zip(samples.get("ours", []), samples["torchdistill"], strict=False)]
+    quartiles = statistics.quantiles(ratios, n=4, method="inclusive") if len(ratios) >= 2 else [None, None, None]
     return {
         "framework": f"torchdistill {version('torchdistill')}",
         "machinery": "DistillationBox: forward hooks + I/O dicts, SimpleLossWrapper, WeightedSumLoss, optimiser "
@@ -159,8 +165,10 @@ def compare(
         "loss": f"torchdistill has no CWD: the reference CWD is registered as custom low-level loss {LOSS_KEY!r}",
         "device": module.device.type,
         "step": timing.as_dict(images=len(images)),
-        "ours_ms": ours_ms,
-        "ratio_ours_to_torchdistill": ours_ms / timing.median_ms if ours_ms is not None else None,
+        "ours_step": summarize(samples["ours"]).as_dict(images=len(images)) if ours else None,
+        "ratio_ours_to_torchdistill": statistics.median(ratios) if ratios else None,
+        "ratio_iqr": quartiles[2] - quartiles[0] if quartiles[0] is not None else None,
+        "ratio_what": "median (IQR) over repetitions of ours / torchdistill, the two steps timed in turn in each",
         "loss_check": check,
     }
 

@@ -9,6 +9,10 @@ def _yes(value: bool | None) -> str:
     return "n/a" if value is None else ("yes" if value else "NO")
 
 
+def _number(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}"
+
+
 def _step(label: str, step: dict[str, Any]) -> str:
     return (
         f"  {label:<16} {step['median_ms']:9.2f} ms  (IQR {step['iqr_ms']:.2f}, min {step['min_ms']:.2f}, "
@@ -77,8 +81,11 @@ def summary_lines(record: dict[str, Any], path: str) -> list[str]:
     if "step" in peer:
         check = peer["loss_check"]
         lines.append(
-            f"  {peer['framework']}: {peer['step']['median_ms']:.2f} ms per step, ours / theirs "
-            f"{peer['ratio_ours_to_torchdistill']:.2f}; loss values equal: {_yes(check['equal'])} "
+            f"  {peer['framework']}: {peer['step']['median_ms']:.2f} ms per step (ours "
+            f"{peer['ours_step']['median_ms']:.2f} in the same repetitions), ours / theirs paired "
+            f"{peer['ratio_ours_to_torchdistill']:.3f} (IQR {_number(peer['ratio_iqr'])}; ≤ 1.00: "
+            f"{_yes(record['targets']['paired_ours_to_torchdistill_le_1_00'])}); "
+            f"loss values equal: {_yes(check['equal'])} "
             f"(total {check['ours_total']:.6f} vs {check['torchdistill_total']:.6f})"
         )
     else:

@@ -13,6 +13,7 @@ from typing import Any, Literal
 from filelock import FileLock
 from torch import Tensor
 
+from cwd_lightning.data.sampling import run_seed
 from cwd_lightning.distill.teacher import CachedTeacher, LiveTeacher, TeacherOutputs
 from cwd_lightning.distill.teacher_cache import DTYPES, TeacherCache, cache_folder, default_root
 
@@ -24,14 +25,15 @@ class TeacherCacheOptions:
     stored as ``dtype`` (float32: the live targets bit for bit); ``views: epochs`` is one view per epoch of the
     run's schedule (the live run's augmentation diversity). The views are augmented from ``seed``, not from
     the run's seed (which still orders the data and seeds dropout), so every run and seed of a sweep reads one
-    cache. A validation runs the teacher (for the ``val/distill/*`` values) only every ``validation_every``-th
-    time (default: the cadence of the run's ``ChannelDistributionMonitor``; never without one; 1: always) and
-    then on its first ``validation_batches`` batches (default: all); otherwise it runs the student alone."""
+    cache; ``seed: run`` draws them from the run's seed instead (each seed its own draw and its own cache). A
+    validation runs the teacher (for the ``val/distill/*`` values) only every ``validation_every``-th time
+    (default: the cadence of the run's ``ChannelDistributionMonitor``; never without one; 1: always) and then on
+    its first ``validation_batches`` batches (default: all); otherwise it runs the student alone."""
 
     views: int | Literal["epochs"]
     folder: str | None = None
     dtype: Literal["float16", "float32"] = "float16"
-    seed: int = 0
+    seed: int | Literal["run"] = 0
     validation_every: int | None = None
     validation_batches: int | None = None
 
@@ -55,7 +57,7 @@ def open_cache(options: TeacherCacheOptions, live: LiveTeacher, fingerprint: str
     first = next(iter(loader))
     first = (first[0].to(device), *first[1:])
     shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in live.outputs(first).items()}
-    identity = TeacherCache.identity(fingerprint, data, data.teacher_views, options.dtype, shapes, options.seed,
+    identity = TeacherCache.identity(fingerprint, data, data.teacher_views, options.dtype, shapes, data.views_seed,
                                      live.speed.cache_precision)  # fmt: skip
     root = Path(options.folder) if options.folder else default_root()
     cache = TeacherCache(cache_folder(root, identity), shapes, len(data.train_set), data.teacher_views, options.dtype)
@@ -101,6 +103,11 @@ def log_caches(loggers: list[Any], caches: dict[str, TeacherCache]) -> None:
         logger.log_metrics({"teacher_cache/size_mib": size, "teacher_cache/fill_seconds": fill}, step=0)
 
 
+def views_seed(options: TeacherCacheOptions) -> int:
+    """The seed the views are augmented from: the options' own, or with ``seed: run`` the run's."""
+    return run_seed() if options.seed == "run" else int(options.seed)
+
+
 def schedule_epochs(trainer: Any, images: int, batch_size: int) -> int:
     """The epochs a fit's schedule spans: ``max_steps`` optimiser steps over the batches an epoch has on each rank
     (last one dropped), or ``max_epochs``."""
@@ -139,7 +146,7 @@ class CachedTeacherRun:
             views = self.teacher_cache.views
             if views == "epochs":
                 views = schedule_epochs(self.trainer, len(datamodule.train_set), datamodule.batch_size)
-            datamodule.use_teacher_views(views, self.teacher_cache.seed)
+            datamodule.use_teacher_views(views, views_seed(self.teacher_cache))
 
     def open_teacher_caches(self) -> None:
         """Each teacher's cache on its own (keyed by that teacher's fingerprint), read by the training loader from

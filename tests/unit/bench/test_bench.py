@@ -76,5 +76,5 @@ def test_peer_without_torchdistill_is_recorded_not_fatal(monkeypatch):
         monkeypatch.setitem(
             sys.modules, name, None
         )  # importing it (or an already imported part) now raises ImportError
-    result = peer.compare(None, None, repeats=1, warmup=0, precision="32", ours_ms=None)
+    result = peer.compare(None, None, repeats=1, warmup=0, precision="32", ours=None)
     assert result["skipped"].startswith("torchdistill not installed")

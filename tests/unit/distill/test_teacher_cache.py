@@ -183,6 +183,14 @@ def test_the_views_are_the_cache_seeds_so_runs_of_every_seed_share_one_cache(
         assert torch.equal(first_loader.dataset[item][0], image)
     other_seed, _ = _fit(teacher_file, tiny_shapes, tmp_path / "cache", seed=5)  # another cache seed: other views
     assert _cache(other_seed).folder != _cache(first).folder
+    per_run = {}  # seed: run, each run seed its own draw and its own cache (seed 0's equals the cache seed 0)
+    for seed in ("0", "1"):
+        monkeypatch.setenv("PL_GLOBAL_SEED", seed)
+        per_run[seed] = _cache(_fit(teacher_file, tiny_shapes, tmp_path / "cache", seed="run")[0]).folder
+    assert per_run["0"] == _cache(first).folder and per_run["1"] not in (
+        _cache(first).folder,
+        _cache(other_seed).folder,
+    )
 
 
 def test_views_epochs_is_one_view_per_epoch_of_the_schedule(teacher_file, tiny_shapes, tmp_path):
