@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any, Literal
 
@@ -35,7 +36,9 @@ class TimeBudget:
 
 
 class TrainingClock:
-    """The seconds spent in training steps so far (kept in the checkpoint, so a resumed run goes on counting)."""
+    """The seconds spent in training steps so far (kept in the checkpoint, so a resumed run goes on counting).
+    A step's seconds count once it has ended, as the slowest rank's under DDP (a step waits for every rank
+    anyway): so every rank holds the same ``elapsed``, stops at the same step and follows the same schedule."""
 
     def __init__(self, budget: TimeBudget, warmup_steps: int = 0) -> None:
         if warmup_steps:
@@ -43,6 +46,7 @@ class TrainingClock:
                              "lr_schedule: onecycle (its own warm-up) or 0")  # fmt: skip
         self.budget = budget
         self.elapsed = 0.0
+        self._step = 0.0  # this step's seconds so far, on this rank
         self._started: float | None = None
         self._device: torch.device | None = None
 
@@ -62,8 +66,14 @@ class TrainingClock:
 
     def stop(self) -> None:
         if self._started is not None:
-            self.elapsed += self._now() - self._started
+            self._step += self._now() - self._started
             self._started = None
+
+    def end_step(self, slowest: Callable[[float], float] = float) -> None:
+        """Stop, and count this step's seconds (``slowest``: the maximum over the ranks under DDP)."""
+        self.stop()
+        self.elapsed += slowest(self._step)
+        self._step = 0.0
 
     def advance(self, scheduler: LRScheduler) -> None:
         """Step a schedule built over the budget to the share spent (the time this takes is not counted)."""
@@ -73,7 +83,7 @@ class TrainingClock:
 
     @property
     def progress(self) -> float:
-        """The share of the budget spent, 0…1."""
+        """The share of the budget spent by the steps that have ended, 0…1."""
         return min(1.0, self.elapsed / self.budget.seconds)
 
     @property
@@ -104,9 +114,12 @@ class TimeBudgetSteps:
 
     def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
         if self.clock is not None:
-            self.clock.stop()
+            self.clock.end_step(self._slowest if self.trainer.world_size > 1 else float)
             self.log("train/budget_spent_s", self.clock.elapsed)
             self.trainer.should_stop = self.trainer.should_stop or self.clock.spent  # validated once more
+
+    def _slowest(self, seconds: float) -> float:
+        return float(self.trainer.strategy.reduce(torch.tensor(seconds, device=self.device), reduce_op="max"))
 
     def check_budget_limits(self) -> None:
         if self.clock is not None and self.trainer.max_steps != -1:

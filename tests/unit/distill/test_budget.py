@@ -43,11 +43,28 @@ def test_clock_counts_process_seconds_and_resumes():
         for _ in range(20000):
             total += math.sqrt(2.0)
         clock.stop()
+        assert clock.progress < 1.0 or clock.elapsed >= 0.05  # a step counts only once it has ended
+        clock.end_step()
         clock.start(torch.device("cpu"))
     assert clock.spent and clock.progress == 1.0 and clock.elapsed >= 0.05
     other = TrainingClock(TimeBudget(0.05, "process"))
     other.load_state_dict(clock.state_dict())
     assert other.elapsed == clock.elapsed
+
+
+def test_every_rank_counts_the_slowest_ranks_step_so_all_stop_together():
+    """Under DDP each rank measures its own step; the step counts as the slowest rank's (a max all-reduce), so the
+    ranks' clocks, progress and stopping step agree (they drifted apart before: one could stop while another
+    waited in a collective)."""
+    fast, slow = TrainingClock(TimeBudget(1.0, "wall")), TrainingClock(TimeBudget(1.0, "wall"))
+    measured = {id(fast): [0.1, 0.2, 0.3, 0.4], id(slow): [0.3, 0.1, 0.5, 0.2]}
+    for step in range(4):
+        seconds = {id(clock): measured[id(clock)][step] for clock in (fast, slow)}
+        for clock in (fast, slow):
+            clock._step = seconds[id(clock)]  # what this rank measured
+            clock.end_step(slowest=lambda _: max(seconds.values()))
+        assert fast.elapsed == slow.elapsed and fast.spent == slow.spent
+    assert fast.elapsed == pytest.approx(0.3 + 0.2 + 0.5 + 0.4) and fast.spent
 
 
 @pytest.mark.parametrize(("make", "match"), [(lambda: TimeBudget(0), "seconds"),
@@ -62,9 +79,14 @@ class LearningRates(L.Callback):
         self.rates: list[float] = []
         self.validations = 0
 
+    def on_train_batch_start(self, trainer, module, batch, batch_idx) -> None:
+        self.spent = [*getattr(self, "spent", []), module.clock.elapsed]  # the steps that have ended
+
     def on_train_batch_end(self, trainer, module, outputs, batch, batch_idx) -> None:
         self.rates.append(trainer.optimizers[0].param_groups[0]["lr"])
-        self.spent = [*getattr(self, "spent", []), module.clock.elapsed]
+
+    def on_train_end(self, trainer, module) -> None:
+        self.spent.append(module.clock.elapsed)
 
     def on_validation_end(self, trainer, module) -> None:
         self.validations += 1
