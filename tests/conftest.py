@@ -35,8 +35,17 @@ def teacher_file(tmp_path) -> Path:
 
 
 @pytest.fixture(scope="session")
+def shapes_teacher(tmp_path_factory) -> Path:
+    """A PSPNet-R34 teacher (the `shapes` teacher network, random weights) as a state_dict file."""
+    torch.manual_seed(0)
+    path = tmp_path_factory.mktemp("teachers") / "shapes_teacher.pt"
+    torch.save(tiny_segmenter("PSPNet", "resnet34").state_dict(), path)
+    return path
+
+
+@pytest.fixture(scope="session")
 def unet_teacher(tmp_path_factory) -> Path:
-    """A U-Net-R18 teacher (the `shapes` teacher network, random weights) as a state_dict file."""
+    """A U-Net-R18 teacher (a second teacher of another architecture, random weights) as a state_dict file."""
     torch.manual_seed(0)
     path = tmp_path_factory.mktemp("teachers") / "unet.pt"
     torch.save(tiny_segmenter("Unet", "resnet18").state_dict(), path)

@@ -259,11 +259,11 @@ def _vit_file(path: Path, seed: int) -> Path:
     return path
 
 
-def test_a_two_teacher_run_keeps_both_out_of_its_checkpoints_and_refuses_a_changed_second(unet_teacher, tiny_shapes,
+def test_a_two_teacher_run_keeps_both_out_of_its_checkpoints_and_refuses_a_changed_second(shapes_teacher, tiny_shapes,
                                                                                            tmp_path):  # fmt: skip
     runs = tmp_path / "runs"
     fit = ["fit", "--config", str(REPO / "experiments" / "shapes_two_teachers.yaml"), "--runs_root", str(runs),
-           "--model.teacher_checkpoint", str(unet_teacher), "--model.lr_schedule", "poly",
+           "--model.teacher_checkpoint", str(shapes_teacher), "--model.lr_schedule", "poly",
            "--model.teacher_checkpoints", json.dumps({"vit": str(_vit_file(tmp_path / "vit.pt", 0))}),
            "--trainer.callbacks", "[]", *tiny_overrides(tiny_shapes, 2)]  # fmt: skip
     result = run_cli(*fit, cwd=tmp_path)

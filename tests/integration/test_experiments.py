@@ -106,7 +106,7 @@ def test_a_network_a_checkpoint_replaces_is_built_without_downloading_its_pretra
     from cwd_lightning.models import build_segmentation_model
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
-    torch.save(build_segmentation_model("Unet", "resnet18", 11, None).state_dict(), tmp_path / "teacher.pt")
+    torch.save(build_segmentation_model("PSPNet", "resnet34", 11, None).state_dict(), tmp_path / "teacher.pt")
     cli = DistillCLI(args=["--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--runs_root", str(tmp_path),
                            "--model.teacher.init_args.encoder_weights", "imagenet",
                            "--model.teacher_checkpoint", str(tmp_path / "teacher.pt"), "--trainer.logger", "false"],

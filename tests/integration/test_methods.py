@@ -38,9 +38,9 @@ def test_every_method_file_is_listed_in_a_table():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("config", METHOD_FILES, ids=lambda path: path.stem)
-def test_each_method_builds_from_its_yaml_and_trains(config, unet_teacher, tiny_shapes):
+def test_each_method_builds_from_its_yaml_and_trains(config, shapes_teacher, tiny_shapes):
     spec = yaml.safe_load(config.read_text())["model"]["terms"]
-    cli = tiny_cli(config, unet_teacher, tiny_shapes)
+    cli = tiny_cli(config, shapes_teacher, tiny_shapes)
     module = cli.model
     pairs = list(module.distiller.iter_pairs())
     assert [p.term_name for p in pairs] == [term["name"] for term in spec]

@@ -59,10 +59,10 @@ def test_every_rank_counts_the_slowest_ranks_step_so_all_stop_together():
     fast, slow = TrainingClock(TimeBudget(1.0, "wall")), TrainingClock(TimeBudget(1.0, "wall"))
     measured = {id(fast): [0.1, 0.2, 0.3, 0.4], id(slow): [0.3, 0.1, 0.5, 0.2]}
     for step in range(4):
-        seconds = {id(clock): measured[id(clock)][step] for clock in (fast, slow)}
+        slowest = max(measured[id(clock)][step] for clock in (fast, slow))  # what the max all-reduce returns
         for clock in (fast, slow):
-            clock._step = seconds[id(clock)]  # what this rank measured
-            clock.end_step(slowest=lambda _: max(seconds.values()))
+            clock._step = measured[id(clock)][step]  # what this rank measured
+            clock.end_step(slowest=lambda _, slowest=slowest: slowest)
         assert fast.elapsed == slow.elapsed and fast.spent == slow.spent
     assert fast.elapsed == pytest.approx(0.3 + 0.2 + 0.5 + 0.4) and fast.spent
 
