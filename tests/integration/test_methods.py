@@ -51,7 +51,11 @@ def test_each_method_builds_from_its_yaml_and_trains(config, shapes_teacher, tin
     auxiliary = {id(p) for pair in pairs for p in getattr(pair.loss, "auxiliary_parameters", list)()}
     owned = [p for pair in pairs for p in pair.loss.parameters() if id(p) not in auxiliary]
     owned_before = [p.detach().clone() for p in owned]
-    adversary = [p for pair in pairs for p in pair.loss.parameters() if id(p) in auxiliary]
+    # the discriminator's parameters that its maths leaves without a gradient: an attention key's bias (a softmax
+    # is invariant to one constant added to all its logits) and the last bias (it cancels between D(T) and D(S))
+    no_gradient = ("key.bias", "last.bias")
+    adversary = [p for pair in pairs for name, p in pair.loss.named_parameters()
+                 if id(p) in auxiliary and not name.endswith(no_gradient)]  # fmt: skip
     adversary_before = [p.detach().clone() for p in adversary]
     cli.trainer.fit(module, datamodule=cli.datamodule)
 
@@ -62,9 +66,8 @@ def test_each_method_builds_from_its_yaml_and_trains(config, shapes_teacher, tin
         assert torch.isfinite(value)
     assert all(torch.equal(v, teacher_before[k]) for k, v in module.teacher.state_dict().items())
     assert all(not torch.equal(p, b) for p, b in zip(owned, owned_before, strict=True))  # own modules trained
-    if adversary:  # trained by its own optimiser; a bias that cancels in D(S) − D(T) gets no gradient
-        moved = [not torch.equal(p, b) for p, b in zip(adversary, adversary_before, strict=True)]
-        assert sum(moved) >= 0.9 * len(moved)
+    if adversary:  # trained by its own optimiser
+        assert all(not torch.equal(p, b) for p, b in zip(adversary, adversary_before, strict=True))
 
 
 def test_every_loss_has_a_method_file():
