@@ -13,12 +13,16 @@ from cwd_lightning.distill.distiller import StepContext
 def prepare_losses(module: Any) -> None:
     """Train every preparing pair's own parameters for its ``prepare_steps`` on the teachers' tensors of the
     training data (the live teachers, under ``no_grad``; the student not run), each with its own optimiser;
-    under DDP the gradients are averaged over the ranks, so every rank prepares the same parameters. Then mark
-    each loss prepared. Not counted as training steps."""
+    under DDP every rank reads the same batches (the training loader, not split) and the gradients are averaged
+    over the ranks, so every rank prepares the same parameters, as one process would. Then mark each loss
+    prepared. Not counted as training steps (nor in a time budget)."""
     distiller, trainer = module.distiller, module.trainer
     pairs = distiller.preparing_pairs()
     if trainer.datamodule is None:
         raise ValueError(f"{type(pairs[0].loss).__name__} prepares on the training data: fit with a datamodule")
+    for pair in pairs:
+        for parameter in pair.loss.prepare_parameters():
+            parameter.requires_grad_(True)  # for the preparation only (frozen before and after it)
     optimizers = [pair.loss.prepare_optimizer(pair.loss.prepare_parameters()) for pair in pairs]
     steps = max(int(pair.loss.prepare_steps) for pair in pairs)
     recorders = distiller.teacher_recorders

@@ -66,7 +66,9 @@ class MasKD(DistillationLoss):
         self.register_buffer("prepared", torch.zeros((), dtype=torch.bool))
 
     def build(self, student_shape: torch.Size, teacher_shape: torch.Size) -> None:
-        self.tokens = nn.Parameter(torch.randn(self.num_tokens, teacher_shape[1]) * 0.01)
+        # trained only by the preparation (which turns their gradient on meanwhile): frozen whenever DDP or an
+        # optimiser of the training looks, so neither expects a gradient the distillation never gives them
+        self.tokens = nn.Parameter(torch.randn(self.num_tokens, teacher_shape[1]) * 0.01, requires_grad=False)
 
     def prepare_parameters(self) -> list[nn.Parameter]:
         return [self.tokens] if self.tokens is not None else []

@@ -76,6 +76,8 @@ def test_preparation_loss_is_cross_entropy_of_the_masked_teacher_plus_dice():
                     a, b = masks[n, i].flatten(), masks[n, j].flatten()
                     dice += float(2 * (a * b).sum() / ((a * a).sum() + (b * b).sum() + 2e-12))
                     pairs += 1
+    assert not loss.tokens.requires_grad  # frozen but during the preparation, which turns their gradient on
+    loss.tokens.requires_grad_(True)
     value = loss.prepare_loss(teacher.requires_grad_(True), labels=labels, ignore_index=255)
     assert value.item() == pytest.approx(float(cross_entropy) + dice / pairs, rel=1e-5)
     value.backward()
