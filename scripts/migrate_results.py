@@ -15,12 +15,12 @@ identity is hashed (``runs/identity.py``). For every ``results/<table>/<row>/see
 ``python scripts/migrate_results.py`` (``--check`` only reports). Run at the redesign, again when several
 teachers added keys at their defaults (``terms[i].from_teacher``, ``model.teachers``, ``model.teacher_checkpoints``)
 and when weight schedules, calibration, the time budget and logit standardisation did (``terms[i].schedule``,
-``terms[i].calibration``, ``model.time_budget``, ``ChannelWiseDivergence.standardize``), and when the teachers'
-own precision and layout and the sweeps' teacher cache did (``model.teacher_precision``,
-``model.teacher_channels_last``, ``teacher_cache.seed``, ``.validation_every``, ``.validation_batches``; the cached
-rows of ``shapes_cache`` set ``seed: run`` and ``validation_every: 1``, which is how the cache worked when they
-were made); kept as the record of how the files were migrated. Keys at their defaults leave what a run computes unchanged; one code change did not:
-the holistic rows predate the fix that keeps the discriminator's state out of the student's step.
+``terms[i].calibration``, ``model.time_budget``, ``ChannelWiseDivergence.standardize``); kept as the record of
+how the files were migrated. Keys at their defaults leave what a run computes unchanged; one code change did not:
+the holistic rows predate the fix that keeps the discriminator's state out of the student's step. The results
+made with the U-Net-R18 `shapes` teacher were not migrated further: they moved to
+``results/archive/unet_r18_teacher`` when the default recipe changed (another teacher, schedule and tapped
+tensors), and this script reads only ``results/<table>``.
 """
 
 from __future__ import annotations
