@@ -59,7 +59,10 @@ export: $(STAMP) ## Write the distilled student of runs/EXP alone to exports/EXP
 report: $(STAMP) ## Results table (markdown) and plots from runs/ into reports/ (no network)
 	$(PY) -m cwd_lightning.report --runs runs --out reports
 
-table: $(STAMP) runs/shapes_teacher/best.ckpt ## Run or resume experiments/tables/$(TABLE).yaml (default: the method comparison) -> results/$(TABLE)_table.md
+# a table may name other teachers in its args (runs/<teacher>/best.ckpt): trained first when missing, like the default's
+TABLE_TEACHERS := $(shell grep -oE 'runs/[A-Za-z0-9_]+/best\.ckpt' experiments/tables/$(TABLE).yaml 2>/dev/null | sort -u)
+
+table: $(STAMP) runs/shapes_teacher/best.ckpt $(TABLE_TEACHERS) ## Run or resume experiments/tables/$(TABLE).yaml (default: the method comparison) -> results/$(TABLE)_table.md
 	$(PY) -m cwd_lightning.sweeps experiments/tables/$(TABLE).yaml
 
 ablation: ## The CWD ablation (normalisation x divergence, tau) -> results/shapes_ablation_table.md
