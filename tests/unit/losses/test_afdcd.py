@@ -73,6 +73,11 @@ def test_contrast_is_small_when_the_maps_agree_and_gradients_reach_student_and_o
     loss(student, teacher).backward()
     assert student.grad.abs().sum() > 0 and teacher.grad is None
     assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in loss.projector.parameters())
+    aligned = built(student_channels=3, channels=8)  # fewer student channels: the align conv learns too
+    student = random_maps(2, 3, 8, 8, seed=6).requires_grad_(True)
+    aligned(student, teacher).backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligned.align.parameters())
 
 
 @pytest.mark.parametrize(("kwargs", "shape", "match"), [

@@ -95,6 +95,11 @@ def test_zero_at_equality_and_gradients_to_the_student_and_its_own_modules():
     loss(student, teacher, boxes=BOXES).backward()
     assert student.grad.abs().sum() > 0 and teacher.grad is None
     assert all(context.transform[-1].weight.grad.abs().sum() > 0 for context in loss.context.values())
+    aligned = built(student_channels=3)  # fewer student channels: the align conv learns too
+    student = random_maps(N, 3, H, W, seed=5).requires_grad_(True)
+    aligned(student, teacher, boxes=BOXES).backward()
+    assert student.grad.abs().sum() > 0 and teacher.grad is None
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in aligned.align.parameters())
 
 
 def test_bad_input_is_refused():

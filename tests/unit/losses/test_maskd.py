@@ -111,10 +111,17 @@ def test_the_tokens_are_prepared_once_frozen_and_restored_on_resume(teacher_file
     assert not bool(loss.prepared)
     assert all(p is not loss.tokens for p in module.trainable_parameters())  # never the student's optimiser's
     seen = Prepared()
+    from cwd_lightning.distill import preparation
+
+    prepared = []
+    monkeypatch.setattr("cwd_lightning.distill.module.prepare_losses",
+                        lambda module: prepared.append(preparation.prepare_losses(module)))  # fmt: skip
     trainer = L.Trainer(max_steps=3, limit_val_batches=0, logger=False, enable_progress_bar=False,
                         enable_checkpointing=False, callbacks=[seen, RunRecord(None)])  # fmt: skip
     trainer.fit(module, tiny_datamodule(tiny_shapes))
+    assert len(prepared) == 1  # prepared once, before the first step
     assert bool(loss.prepared) and trainer.global_step == 3  # preparation steps are not training steps
+    assert not loss.tokens.requires_grad  # frozen after it
     assert not torch.equal(seen.tokens, initial)  # prepared before the first step
     assert torch.equal(loss.tokens, seen.tokens)  # and frozen while distilling
     path = tmp_path / "maskd.ckpt"
