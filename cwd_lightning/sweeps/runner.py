@@ -9,6 +9,7 @@ import os
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
 from dataclasses import replace
 from pathlib import Path
@@ -47,6 +48,18 @@ def resolved_config(row: Row, table: Table, experiments: Path) -> dict:
 def distils(resolved: dict) -> bool:
     """Whether a resolved config has distillation terms (a row without them trains the student alone)."""
     return bool((resolved.get("model") or {}).get("terms"))
+
+
+def with_shared_cache(table: Table, resolved: dict[str, dict], resolve: Callable[[Row, Table], dict]) -> tuple:
+    """The table with its shared teacher cache's arguments added to the rows that distil, and those rows' configs
+    resolved again (``resolve(row, table)``); a table without ``teacher_cache`` and the other rows unchanged."""
+    if table.teacher_cache is None:
+        return table, resolved
+    cached = {row.name for row in table.rows if distils(resolved[row.name])}
+    rows = [replace(row, args=[*row.args, *table.teacher_cache.args()]) if row.name in cached else row
+            for row in table.rows]  # fmt: skip
+    table = replace(table, rows=rows)
+    return table, {row.name: resolve(row, table) if row.name in cached else resolved[row.name] for row in rows}
 
 
 def teacher_fingerprint(resolved: dict) -> str | None:
@@ -162,11 +175,7 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
     if unknown:
         raise ValueError(f"table {table.name!r} has no row(s) {unknown}; its rows: {[row.name for row in table.rows]}")
     resolved = {row.name: resolved_config(row, table, experiments) for row in table.rows}
-    if table.teacher_cache is not None:  # the rows that distil read the table's shared cache
-        table = replace(table, rows=[replace(row, args=[*row.args, *table.teacher_cache.args()])
-                                     if distils(resolved[row.name]) else row for row in table.rows])  # fmt: skip
-        resolved = {row.name: resolved_config(row, table, experiments) if distils(resolved[row.name])
-                    else resolved[row.name] for row in table.rows}  # fmt: skip
+    table, resolved = with_shared_cache(table, resolved, lambda row, table: resolved_config(row, table, experiments))
     check_same_recipe(table, resolved)
     digests = {name: identity_digest(config) for name, config in resolved.items()}
     teachers = {name: teacher_fingerprint(config) for name, config in resolved.items()}

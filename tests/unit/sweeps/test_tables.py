@@ -103,3 +103,18 @@ def test_a_table_may_share_a_teacher_cache_among_its_distilled_rows(tmp_path):
         Table.load(_write(tmp_path, {**spec, "teacher_cache": {"K": 4}}))
     with pytest.raises(ValueError, match=r"a table with a budget has no fixed number of epochs"):
         Table.load(_write(tmp_path, {**spec, "budget": {"seconds": 9}}))
+
+
+def test_a_shared_cache_reaches_only_the_rows_that_distil(tmp_path):
+    from cwd_lightning.sweeps.runner import with_shared_cache
+
+    spec = {"name": "t", "seeds": [0], "rows": ROWS, "teacher_cache": {"views": 2}}
+    table = Table.load(_write(tmp_path, spec))
+    resolved = {"baseline": {"model": {"terms": None}}, "cwd": {"model": {"terms": [{"name": "cwd"}]}}}
+    cached, configs = with_shared_cache(table, resolved, lambda row, table: {"args": row.args})
+    assert cached.rows[0].args == [] and configs["baseline"] is resolved["baseline"]  # the baseline runs as it is
+    assert cached.rows[1].args == ["1", "--model.teacher_cache.views", "2", "--model.teacher_cache.dtype", "float32",
+                                   "--model.teacher_cache.seed", "0"]  # fmt: skip
+    assert configs["cwd"] == {"args": cached.rows[1].args}  # resolved again, with the cache
+    plain = Table.load(_write(tmp_path, {**spec, "teacher_cache": None}))
+    assert with_shared_cache(plain, resolved, None) == (plain, resolved)
