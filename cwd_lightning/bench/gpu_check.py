@@ -10,8 +10,8 @@ command of a few minutes, so that a GPU lent for a short while is used at once a
 
 Writes ``benchmarks/gpu_check-<hardware>.json`` (every stage: ok or its error, its seconds, its figures) and
 ``…log`` (every command's output), besides the bench record. ``--dry-run`` runs the same stages on the CPU at tiny
-sizes (an fp32 bench without the loss and peer parts, 16-mixed without a scaler, ``aot_eager`` instead of
-``inductor``), as the tests do.
+sizes (an fp32 bench without the loss and peer parts, a ``bf16-mixed`` fit as Lightning has no ``16-mixed`` on
+the CPU, ``aot_eager`` instead of ``inductor``), as the tests do.
 """
 
 from __future__ import annotations
@@ -28,8 +28,11 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
+import yaml
 
+from cwd_lightning.analysis.runs import build
 from cwd_lightning.bench.harness import Options, run_benchmark
+from cwd_lightning.models.pretrained import without_pretrained
 from cwd_lightning.runs import provenance
 from cwd_lightning.safe_load import load_weights_only
 
@@ -37,11 +40,11 @@ REPO = Path(__file__).resolve().parents[2]
 
 
 def sizes(dry_run: bool) -> dict:
-    """The GPU check's real sizes, or the dry run's tiny ones (fp32 bench: bf16 convolutions crawl on most CPUs; the
-    loss and peer benchmarks are left to ``make bench``'s own tests)."""
+    """The GPU check's real sizes, or the dry run's tiny ones (an fp32 bench: bf16 convolutions crawl on CPUs without
+    bf16 instructions; the loss and peer benchmarks are left to ``make bench``'s own tests)."""
     if dry_run:
         return {"device": "cpu", "image": 32, "batch": 2, "images": 8, "repeats": 1, "warmup": 1, "steps": 4,
-                "more_steps": 2, "bench_precision": "32", "precision": "16-mixed", "compile": "aot_eager",
+                "more_steps": 2, "bench_precision": "32", "precision": "bf16-mixed", "compile": "aot_eager",
                 "skip_losses_and_peer": True}  # fmt: skip
     return {"device": "cuda", "image": 512, "batch": 8, "images": 64, "repeats": 20, "warmup": 5, "steps": 300,
             "more_steps": 50, "bench_precision": "bf16-mixed", "precision": "16-mixed", "compile": "inductor",
@@ -89,11 +92,10 @@ def _run(args: list[str], log: Path, cwd: Path | None = None) -> None:
 
 def fit_stage(size: dict, scratch: Path, log: Path) -> dict:
     """A cached ``16-mixed`` fit, then its resume for ``more_steps`` more; the resume must start where it ended."""
-    from cwd_lightning.models import build_segmentation_model
-
-    teacher = scratch / "random_teacher.pt"
+    teacher = scratch / "random_teacher.pt"  # the experiment's own teacher network, random weights
     torch.manual_seed(0)
-    torch.save(build_segmentation_model("Unet", "resnet18", 11, encoder_weights=None).state_dict(), teacher)
+    spec = yaml.safe_load((REPO / "experiments" / "common" / "shapes_teacher_net.yaml").read_text())
+    torch.save(build(without_pretrained(spec)).state_dict(), teacher)
     accelerator = "cpu" if size["device"] == "cpu" else "gpu"
     common = [*shapes_data(scratch / "shapes_fit", 64, max(64, size["images"]), 16 if accelerator == "gpu" else 4),
               "--runs_root", str(scratch / "runs"), "--trainer.accelerator", accelerator, "--trainer.devices", "1",

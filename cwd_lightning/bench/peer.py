@@ -152,7 +152,7 @@ def compare(
             box.post_forward_process(loss)  # backward, optimiser step, zero_grad
 
         steps = {"torchdistill": step, **({"ours": ours} if ours is not None else {})}
-        samples = time_interleaved(steps, repeats, warmup, module.device)
+        samples = time_interleaved(steps, repeats, warmup, module.device, alternate=True)
     finally:
         box.clean_modules()  # its forward hooks removed
     timing = summarize(samples["torchdistill"])
@@ -168,7 +168,8 @@ def compare(
         "ours_step": summarize(samples["ours"]).as_dict(images=len(images)) if ours else None,
         "ratio_ours_to_torchdistill": statistics.median(ratios) if ratios else None,
         "ratio_iqr": quartiles[2] - quartiles[0] if quartiles[0] is not None else None,
-        "ratio_what": "median (IQR) over repetitions of ours / torchdistill, the two steps timed in turn in each",
+        "ratio_what": "median (IQR) over repetitions of ours / torchdistill, the two steps timed in turn in each, "
+        "in alternating order",
         "loss_check": check,
     }
 

@@ -22,6 +22,8 @@ def _step(label: str, step: dict[str, Any]) -> str:
 
 def teacher_precision_lines(effect: dict[str, Any]) -> list[str]:
     full = effect["32"].get("forward_ms")
+    if not full:
+        return [f"  teacher precision: fp32 forward not measured ({effect['32'].get('skipped', 'no figure')})"]
     lines = []
     for precision in ("bf16", "16"):
         low = effect[precision]

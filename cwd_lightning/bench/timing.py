@@ -65,18 +65,22 @@ def time_step(step: Callable[[], Any], repeats: int, warmup: int, device: torch.
     return summarize(samples)
 
 
-def time_interleaved(steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device) -> dict:
+def time_interleaved(steps: dict[str, Callable[[], Any]], repeats: int, warmup: int, device: torch.device,
+                     alternate: bool = False) -> dict:  # fmt: skip
     """Each repetition times every step once, in turn, so that a slow spell of the machine (another
     process, frequency scaling) hits all of them alike: per-repetition differences between the steps are
-    then paired, and their median is far steadier than a difference of medians taken in separate blocks."""
+    then paired, and their median is far steadier than a difference of medians taken in separate blocks.
+    ``alternate``: every other repetition runs them in reverse order, so neither always runs first (warm
+    caches, the previous step's leftovers)."""
     synchronize = synchronizer(device)
     for _ in range(warmup):
         for step in steps.values():
             step()
     synchronize()
     samples: dict[str, list[float]] = {name: [] for name in steps}
-    for _ in range(repeats):
-        for name, step in steps.items():
+    for repetition in range(repeats):
+        order = list(steps.items())
+        for name, step in reversed(order) if alternate and repetition % 2 else order:
             start = time.perf_counter()
             step()
             synchronize()

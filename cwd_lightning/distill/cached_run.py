@@ -49,24 +49,33 @@ class TeacherCacheOptions:
 
 def open_cache(options: TeacherCacheOptions, live: LiveTeacher, fingerprint: str, trainer: Any,
                device: Any) -> TeacherCache:  # fmt: skip
-    """The cache of this teacher (``live``), data and views: found, or filled when missing or damaged. Rank 0
-    fills while the other ranks wait; a lock beside the folder makes another run (a sweep's rows side by side)
-    wait for the fill instead of filling it too."""
-    data = trainer.datamodule
+    """The cache of this teacher (``live``), data and views: found, or filled when missing or damaged. The teacher
+    runs as in a live training step (with ``teacher_precision: auto`` under the trainer's precision), and that
+    precision is part of the cache's identity. Rank 0 fills while the other ranks wait; a lock beside the folder
+    makes another run (a sweep's rows side by side) wait for the fill instead of filling it too."""
+    data, plugin = trainer.datamodule, trainer.precision_plugin
+    follows_trainer = live.speed.precision == "auto"
+
+    def run_teacher(batch: Any) -> dict:
+        batch = (batch[0].to(device), *batch[1:])
+        if not follows_trainer:
+            return live.outputs(batch)
+        with plugin.forward_context():  # as Lightning runs the training step
+            return live.outputs(plugin.convert_input(batch))
+
     loader = data.views_loader(batch_size=data.batch_size)
-    first = next(iter(loader))
-    first = (first[0].to(device), *first[1:])
-    shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in live.outputs(first).items()}
+    shapes = {path: [list(t.shape[1:]) for t in calls] for path, calls in run_teacher(next(iter(loader))).items()}
+    precision = str(trainer.precision) if follows_trainer else live.speed.precision
     identity = TeacherCache.identity(fingerprint, data, data.teacher_views, options.dtype, shapes, data.views_seed,
-                                     live.speed.cache_precision)  # fmt: skip
+                                     precision)  # fmt: skip
     root = Path(options.folder) if options.folder else default_root()
     cache = TeacherCache(cache_folder(root, identity), shapes, len(data.train_set), data.teacher_views, options.dtype)
     if trainer.is_global_zero:
-        fill_once(cache, lambda: cache.fill(lambda batch: live.outputs((batch[0].to(device), *batch[1:])), loader,
-                                            identity))  # fmt: skip
+        fill_once(cache, lambda: cache.fill(run_teacher, loader, identity))
     trainer.strategy.barrier("teacher_cache")
     if not cache.is_complete():
-        raise RuntimeError(f"the teacher cache {cache.folder} is incomplete after filling it")
+        raise RuntimeError(f"the teacher cache {cache.folder} is incomplete after rank 0 filled it: on several "
+                           "machines model.teacher_cache.folder must be on a filesystem every node sees")  # fmt: skip
     return cache
 
 
@@ -110,8 +119,14 @@ def views_seed(options: TeacherCacheOptions) -> int:
 
 def schedule_epochs(trainer: Any, images: int, batch_size: int) -> int:
     """The epochs a fit's schedule spans: ``max_steps`` optimiser steps over the batches an epoch has on each rank
-    (last one dropped), or ``max_epochs``."""
+    (last one dropped, ``limit_train_batches`` applied), or ``max_epochs``. Fixed when the run starts: a resume
+    that lengthens the schedule gets more views, so another cache."""
     batches = images // trainer.world_size // batch_size
+    limit = trainer.limit_train_batches
+    batches = min(batches, limit) if isinstance(limit, int) else int(batches * limit)
+    if batches < 1:
+        raise ValueError(f"model.teacher_cache.views: epochs: an epoch of {images} images has no batch of "
+                         f"{batch_size} on each of {trainer.world_size} rank(s)")  # fmt: skip
     if trainer.max_steps > 0:
         return max(1, math.ceil(trainer.max_steps * trainer.accumulate_grad_batches / batches))
     if trainer.max_epochs is not None and trainer.max_epochs > 0:
@@ -134,7 +149,7 @@ class CachedTeacherRun:
     (``open_teacher_caches``), and a validation runs the teachers only when ``validates_with_teachers``."""
 
     teacher_cache: TeacherCacheOptions | None
-    teacher_caches: dict[str, TeacherCache] = {}  # by teacher name, once open
+    teacher_caches: dict[str, TeacherCache] | None = None  # by teacher name, once open
     validations_run = 0
 
     def setup(self, stage: str) -> None:

@@ -28,11 +28,6 @@ class TeacherSpeed:
     def upcasts(self) -> bool:
         return self.precision in _LOW_PRECISION
 
-    @property
-    def cache_precision(self) -> str:
-        """The precision a cache is filled in (outside the trainer's autocast, ``auto`` is fp32)."""
-        return "32" if self.precision == "auto" else self.precision
-
     def autocast(self, device: torch.device) -> AbstractContextManager:
         if self.precision == "auto":
             return nullcontext()

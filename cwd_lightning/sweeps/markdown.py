@@ -76,10 +76,13 @@ def write_markdown(table: Table, results: Path) -> Path:
             if exact
             else "K views replayed over the epochs: less augmentation diversity than a live teacher"
         )
+        per_seed = any(o.get("seed") == "run" for o in cached.values())
+        shared = ("each seed its own cache (views drawn from the run's seed), shared by the rows that distil the same "
+                  "teacher tensors" if per_seed else "filled once and shared by their seeds and by the rows that "
+                  "distil the same teacher tensors")  # fmt: skip
         rows_read = ", ".join(f"`{row}`" for row in cached)
         lines.insert(-1, f"- teacher cache: rows {rows_read} read the teacher's tensors from a cache "
-                         f"({'; '.join(settings)}) filled once and shared by their seeds and by rows that distil the "
-                         f"same teacher tensors; the others ran the live teacher: {protocol}")  # fmt: skip
+                         f"({'; '.join(settings)}), {shared}; the other rows read none: {protocol}")  # fmt: skip
     budget = table.budget
     if budget is not None:
         lines[-1:-1] = [f"- equal compute: every row trains for {budget.seconds:g} s of its training loop "

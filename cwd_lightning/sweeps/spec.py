@@ -43,8 +43,17 @@ class SharedCache:
 
     views: int | str = "epochs"
     dtype: str = "float32"
-    seed: int = 0
+    seed: int | str = 0  # or "run": each seed its own draw and cache
     folder: str | None = None
+
+    def check(self, path: Path) -> None:
+        """The values a run would refuse, refused when the table is read."""
+        if self.views != "epochs" and not (isinstance(self.views, int) and self.views >= 1):
+            raise ValueError(f"{path}: teacher_cache.views must be a number ≥ 1 or 'epochs', got {self.views!r}")
+        if self.dtype not in ("float16", "float32"):
+            raise ValueError(f"{path}: teacher_cache.dtype must be float16 or float32, got {self.dtype!r}")
+        if self.seed != "run" and not isinstance(self.seed, int):
+            raise ValueError(f"{path}: teacher_cache.seed must be a number or 'run', got {self.seed!r}")
 
     def args(self) -> list[str]:
         folder = ["--model.teacher_cache.folder", self.folder] if self.folder else []
@@ -106,6 +115,11 @@ class Table:
                     f"{path}: a table with a budget has no fixed number of epochs: give teacher_cache.views"
                 )
             cache = SharedCache(**cache)
+            cache.check(path)
+            fixed = [row.name for row in rows if any(arg.startswith("--model.teacher_cache") for arg in row.args)]
+            if fixed:
+                raise ValueError(f"{path}: rows {fixed} set --model.teacher_cache themselves, which the table's "
+                                 "teacher_cache would override: give such a row a table of its own")  # fmt: skip
         table = cls(
             name=spec["name"],
             title=spec.get("title", spec["name"]),

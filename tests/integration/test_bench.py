@@ -146,5 +146,5 @@ def test_the_gpu_check_rehearses_every_stage_on_the_cpu(tmp_path):
         "--model.compile_student" in bench["extra_args"] and bench["teacher_weights"] == "random (checkpoint missing)"
     )
     fit = stages["fit_and_resume"]
-    assert fit["steps"] == 4 and fit["resumed_to"] == 6 and fit["precision"] == "16-mixed"
+    assert fit["steps"] == 4 and fit["resumed_to"] == 6 and fit["precision"] == "bf16-mixed"
     assert stages["export"]["max_abs_difference"] < 1e-3 and "student.pt2" in stages["export"]["files"]

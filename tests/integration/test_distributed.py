@@ -120,22 +120,32 @@ def test_ddp_with_a_teacher_cache_fills_it_once_and_every_rank_reads_it(teacher_
 
 def _two_nodes(args: list[str], cwd: Path) -> list[subprocess.CompletedProcess]:
     """``args`` under two ``torchrun --nnodes 2`` launches on loopback, one process each (node ranks 0 and 1), as
-    on two machines that share the run folder."""
+    on two machines that share the run folder. Their output goes to files (a full pipe of one node must not stall
+    the other in a collective); both are killed if they outlast the timeout."""
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         port = probe.getsockname()[1]
     env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", "PYTHONUNBUFFERED": "1"}
     env.pop("WANDB_SERVICE", None)
-    nodes = [subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2", "--nproc-per-node", "1",
-                               "--node-rank", str(rank), "--master-addr", "127.0.0.1", "--master-port", str(port),
-                               "-m", "cwd_lightning", *args, "--trainer.num_nodes", "2", "--trainer.devices", "1",
-                               "--trainer.strategy", "ddp"], cwd=cwd, env=env, stdout=subprocess.PIPE,
-                              stderr=subprocess.PIPE, text=True) for rank in (0, 1)]  # fmt: skip
-    finished = []
-    for node in nodes:
-        stdout, stderr = node.communicate(timeout=600)
-        finished.append(subprocess.CompletedProcess(node.args, node.returncode, stdout, stderr))
-    return finished
+    outputs = [(cwd / f"node{rank}.out", cwd / f"node{rank}.err") for rank in (0, 1)]
+    nodes = []
+    for rank, (out, err) in enumerate(outputs):
+        with open(out, "w") as stdout, open(err, "w") as stderr:
+            nodes.append(subprocess.Popen([sys.executable, "-m", "torch.distributed.run", "--nnodes", "2",
+                                           "--nproc-per-node", "1", "--node-rank", str(rank), "--master-addr",
+                                           "127.0.0.1", "--master-port", str(port), "-m", "cwd_lightning", *args,
+                                           "--trainer.num_nodes", "2", "--trainer.devices", "1",
+                                           "--trainer.strategy", "ddp"], cwd=cwd, env=env, stdout=stdout,
+                                          stderr=stderr))  # fmt: skip
+    try:
+        for node in nodes:
+            node.wait(timeout=600)
+    finally:
+        for node in nodes:
+            if node.poll() is None:
+                node.kill()
+    return [subprocess.CompletedProcess(node.args, node.returncode, out.read_text(), err.read_text())
+            for node, (out, err) in zip(nodes, outputs, strict=True)]  # fmt: skip
 
 
 def test_two_nodes_on_one_box_fit_write_one_run_record_and_resume(teacher_run, tiny_shapes, tmp_path):
@@ -158,7 +168,7 @@ def test_two_nodes_on_one_box_fit_write_one_run_record_and_resume(teacher_run, t
     assert [node.returncode for node in resumed] == [0, 0], [node.stderr[-3000:] for node in resumed]
     checkpoint = load_weights_only(run_dir / "last.ckpt", "checkpoint")
     assert checkpoint["global_step"] == 6 and checkpoint["run_id"] == run_id
-    assert [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")] == [run_id] * len(
-        list((run_dir / "wandb").glob("offline-run-*")))  # fmt: skip
+    runs = [p.name.rsplit("-", 1)[-1] for p in (run_dir / "wandb").glob("offline-run-*")]
+    assert runs and set(runs) == {run_id}  # the resume continues the same W&B run
     steps = [row["step"] for row in _rows(run_dir) if row.get("train/loss")]
     assert len(steps) == 6 and len(set(steps)) == 6

@@ -200,8 +200,9 @@ def test_views_epochs_is_one_view_per_epoch_of_the_schedule(teacher_file, tiny_s
         TeacherCacheOptions("all")
 
 
-def test_two_processes_that_need_one_cache_fill_it_once(tmp_path):
-    """Rows of a sweep side by side: the second waits on the lock, then reads what the first wrote."""
+def test_two_runs_that_need_one_cache_fill_it_once(tmp_path):
+    """Rows of a sweep side by side (two threads here, each with its own lock handle, as two processes have): the
+    second waits on the lock, then reads what the first wrote."""
     import threading
     import time
 
@@ -271,3 +272,43 @@ def test_a_cached_fit_validates_with_the_teacher_only_when_asked(
     assert len(rows) == 4  # the student's metrics at every validation
     with_distill = [index + 1 for index, row in enumerate(rows) if row.get("val/distill/cwd_logits")]
     assert with_distill == sorted({validation for validation, _ in expected})
+
+
+def test_a_loader_worker_reads_the_cache_and_a_pickled_cache_maps_its_files_anew(teacher_file, tiny_shapes, tmp_path):
+    """The tensors come from a worker process, equal to the live teacher's; a cache sent to a worker is sent
+    without its memory maps (each process maps the files itself)."""
+    import pickle
+
+    module = cwd_module(teacher_file, teacher_cache=TeacherCacheOptions(2, str(tmp_path / "cache"), "float32"))
+    data = tiny_datamodule(tiny_shapes)
+    data.num_workers = 1
+    trainer = L.Trainer(max_steps=2, logger=False, enable_checkpointing=False, enable_progress_bar=False,
+                        limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, data)
+    loader = data.train_dataloader()
+    assert loader.num_workers == 1
+    batch = next(iter(loader))
+    live = module.live_teachers["teacher"].outputs(batch[:2])["segmentation_head"][0]
+    assert torch.equal(batch[-1]["teacher"]["teacher"]["segmentation_head"][0], live)
+    cache = _cache(module)
+    cache.read(0, 1)  # maps the files in this process
+    assert cache.arrays and pickle.loads(pickle.dumps(cache)).arrays == {}
+    copy = pickle.loads(pickle.dumps(cache))
+    assert torch.equal(copy.read(3, 1)["segmentation_head"][0], cache.read(3, 1)["segmentation_head"][0])
+
+
+def test_a_cached_run_under_mixed_precision_reads_the_targets_its_live_teacher_gives(teacher_file, tiny_shapes,
+                                                                                      tmp_path):  # fmt: skip
+    """teacher_precision auto: the cache is filled under the trainer's precision, as the live steps run the
+    teacher (bf16 autocast here), and that precision is part of its identity."""
+    module = cwd_module(teacher_file, teacher_cache=TeacherCacheOptions(2, str(tmp_path / "cache"), "float32"))
+    data = tiny_datamodule(tiny_shapes)
+    trainer = L.Trainer(max_steps=1, precision="bf16-mixed", logger=False, enable_checkpointing=False,
+                        enable_progress_bar=False, limit_val_batches=0, enable_model_summary=False)  # fmt: skip
+    trainer.fit(module, data)
+    assert json.loads((_cache(module).folder / "cache.json").read_text())["teacher_precision"] == "bf16-mixed"
+    batch = next(iter(data.train_dataloader()))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        live = module.live_teachers["teacher"].outputs(batch[:2])["segmentation_head"][0]
+    cached = batch[-1]["teacher"]["teacher"]["segmentation_head"][0]
+    assert live.dtype == torch.bfloat16 and torch.equal(cached, live.float())

@@ -103,6 +103,14 @@ def test_a_table_may_share_a_teacher_cache_among_its_distilled_rows(tmp_path):
         Table.load(_write(tmp_path, {**spec, "teacher_cache": {"K": 4}}))
     with pytest.raises(ValueError, match=r"a table with a budget has no fixed number of epochs"):
         Table.load(_write(tmp_path, {**spec, "budget": {"seconds": 9}}))
+    for cache, match in [({"views": 0}, "views must be a number ≥ 1 or 'epochs', got 0"),
+                         ({"dtype": "bfloat16"}, "dtype must be float16 or float32"),
+                         ({"seed": "each"}, "seed must be a number or 'run'")]:  # fmt: skip
+        with pytest.raises(ValueError, match=match):
+            Table.load(_write(tmp_path, {**spec, "teacher_cache": cache}))
+    own = [*ROWS, {"name": "k2", "config": "shapes_cwd", "args": ["--model.teacher_cache.views", "2"]}]
+    with pytest.raises(ValueError, match=r"rows \['k2'\] set --model.teacher_cache themselves"):
+        Table.load(_write(tmp_path, {**spec, "rows": own}))
 
 
 def test_a_shared_cache_reaches_only_the_rows_that_distil(tmp_path):
