@@ -61,9 +61,9 @@ def test_bench_writes_the_record(bench_record):
     )
     assert record["targets"]["cached_le_1_03_student_only"] == (record["cached_to_student_only"] <= 1.03)
     effect = record["teacher_precision"]
-    assert effect["32"]["tensors"]["segmentation_head[0]"]["cwd_to_fp32"] == 0.0  # the reference itself
+    assert effect["32"]["tensors"]["segmentation_head.0[0]"]["cwd_to_fp32"] == 0.0  # the reference itself
     for precision in ("bf16", "16"):
-        moved = effect[precision]["tensors"]["segmentation_head[0]"]
+        moved = effect[precision]["tensors"]["segmentation_head.0[0]"]
         assert effect[precision]["forward_ms"] > 0 and 0 < moved["cwd_to_fp32"] < 0.01, precision
         assert 0 < moved["max_abs_difference_relative"] < 0.1, precision
     overhead = medians["distillation"] - medians["student_only"] - medians["teacher_forward"]

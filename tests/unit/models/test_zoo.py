@@ -95,6 +95,8 @@ def test_an_smp_from_pretrained_teacher_from_a_local_folder(tiny_shapes, tmp_pat
     cli = DistillCLI(args=[
         "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), "--runs_root", str(tmp_path / "runs"),
         "--model.teacher", _spec("smp_pretrained", source=str(tmp_path / "unet")), "--model.teacher_checkpoint", "null",
+        # a U-Net's logits are full-resolution: both terms tap the upsampled logits
+        "--model.terms.0.student", "segmentation_head", "--model.terms.0.teacher", "segmentation_head",
         *tiny_overrides(tiny_shapes, 2), *_QUIET,
     ], run=False)  # fmt: skip
     assert cli.model.teacher.pretrained_source == f"smp {tmp_path / 'unet'}"
@@ -137,7 +139,8 @@ def _torchvision_teacher_cli(teacher_path: str, written_in: str, tiny_shapes, tm
     loss = "{class_path: cwd_lightning.losses.ChannelWiseDivergence}"
     term = f"{{name: cwd_logits, student: segmentation_head, teacher: {teacher_path}, loss: {loss}, connector: conv}}"
     override.write_text(f"model:\n  terms:\n    - {term}\n")
-    on_the_command_line = ["--model.terms.0.teacher", teacher_path.strip('"'), "--model.terms.0.connector", "conv"]
+    on_the_command_line = ["--model.terms.0.student", "segmentation_head", "--model.terms.0.teacher",
+                           teacher_path.strip('"'), "--model.terms.0.connector", "conv"]  # fmt: skip
     where = ["--config", str(override)] if written_in == "yaml" else on_the_command_line
     return DistillCLI(args=[
         "--config", str(REPO / "experiments" / "shapes_cwd.yaml"), *where, "--runs_root", str(tmp_path / "runs"),
