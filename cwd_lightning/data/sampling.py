@@ -104,9 +104,15 @@ class SeededAugmentation(Dataset):
 
     def __getitem__(self, item: tuple[int, ...]) -> Any:
         index, seed, *view = item
-        with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(seed)
+        # transforms.v2 draws on the CPU generator only: seeding it alone gives the draws torch.manual_seed
+        # would, without its per-call cost (every device's generator; 0.5 of 2.2 ms a 64×64 sample took)
+        generator = torch.default_generator
+        state = generator.get_state()
+        generator.manual_seed(seed)
+        try:
             sample = self.dataset[index]
+        finally:
+            generator.set_state(state)
         if not view:
             return sample
         entry = {"keys": torch.tensor([index, view[0]])}

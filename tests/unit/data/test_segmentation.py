@@ -150,3 +150,31 @@ def test_an_empty_split_or_one_smaller_than_a_batch_is_an_error(tmp_path):
     datamodule = SegmentationDataModule(str(tmp_path / "shapes"), 11, crop_size=32, base_size=32, batch_size=4)
     with pytest.raises(ValueError, match=r"split 'train' has 3 image\(s\), fewer than data.init_args.batch_size = 4"):
         datamodule.setup("fit")
+
+
+def test_a_seeded_sample_draws_what_torch_manual_seed_would_and_leaves_the_global_rng_alone(tmp_path):
+    """The training loader augments sample ``(index, seed)`` under the CPU generator seeded with ``seed``: the
+    same augmentation as ``torch.manual_seed(seed)`` gave (every committed result was drawn that way), and the
+    global RNG state (dropout in the main process when there are no workers) as it was, even on an error."""
+    from cwd_lightning.data.sampling import SeededAugmentation
+
+    mask = np.zeros((40, 48), dtype=np.uint8)
+    mask[5:30, 10:40] = 3
+    root = _voc_tree(tmp_path / "voc", {"a": mask})
+    files = readers.SegmentationFiles(readers.voc_pairs(root, "train"), 21, train_transforms(32, 40, (0.5, 2.0)))
+    seeded = SeededAugmentation(files)
+    torch.manual_seed(123)
+    before = torch.get_rng_state()
+    draws = [seeded[(0, seed)] for seed in (7, 8, 7)]
+    assert torch.equal(torch.get_rng_state(), before)
+    for seed, (image, labels) in zip((7, 8, 7), draws, strict=True):
+        torch.manual_seed(seed)
+        expected_image, expected_labels = files[0]
+        assert torch.equal(image, expected_image) and torch.equal(labels, expected_labels)
+    assert not torch.equal(draws[0][1], draws[1][1]) or not torch.equal(draws[0][0], draws[1][0])
+
+    files.pairs = [(root / "missing.jpg", root / "missing.png")]
+    torch.manual_seed(123)
+    with pytest.raises(Exception, match="missing"):
+        seeded[(0, 7)]
+    assert torch.equal(torch.get_rng_state(), before)
