@@ -28,28 +28,26 @@ def tiny_shapes(tmp_path_factory) -> Path:
 @pytest.fixture()
 def teacher_file(tmp_path) -> Path:
     """An FPN-R18 teacher (random weights, seed 0) as a state_dict file."""
+    return _saved_segmenter(tmp_path / "teacher.pt", "FPN", "resnet18")
+
+
+def _saved_segmenter(path: Path, arch: str, encoder: str) -> Path:
+    """A segmenter with random weights drawn after seed 0, its state_dict saved at ``path``."""
     torch.manual_seed(0)
-    path = tmp_path / "teacher.pt"
-    torch.save(tiny_segmenter("FPN", "resnet18").state_dict(), path)
+    torch.save(tiny_segmenter(arch, encoder).state_dict(), path)
     return path
 
 
 @pytest.fixture(scope="session")
 def shapes_teacher(tmp_path_factory) -> Path:
     """A PSPNet-R34 teacher (the `shapes` teacher network, random weights) as a state_dict file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teachers") / "shapes_teacher.pt"
-    torch.save(tiny_segmenter("PSPNet", "resnet34").state_dict(), path)
-    return path
+    return _saved_segmenter(tmp_path_factory.mktemp("teachers") / "shapes_teacher.pt", "PSPNet", "resnet34")
 
 
 @pytest.fixture(scope="session")
 def unet_teacher(tmp_path_factory) -> Path:
     """A U-Net-R18 teacher (a second teacher of another architecture, random weights) as a state_dict file."""
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("teachers") / "unet.pt"
-    torch.save(tiny_segmenter("Unet", "resnet18").state_dict(), path)
-    return path
+    return _saved_segmenter(tmp_path_factory.mktemp("teachers") / "unet.pt", "Unet", "resnet18")
 
 
 @pytest.fixture(scope="session")

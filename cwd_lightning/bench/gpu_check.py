@@ -94,7 +94,9 @@ def fit_stage(size: dict, scratch: Path, log: Path) -> dict:
     """A cached ``16-mixed`` fit, then its resume for ``more_steps`` more; the resume must start where it ended."""
     teacher = scratch / "random_teacher.pt"  # the experiment's own teacher network, random weights
     torch.manual_seed(0)
-    spec = yaml.safe_load((REPO / "experiments" / "common" / "shapes_teacher_net.yaml").read_text())
+    experiment = REPO / "experiments" / "shapes_cwd.yaml"
+    network = yaml.safe_load(experiment.read_text())["model"]["teacher"]  # a file beside the experiment
+    spec = yaml.safe_load((experiment.parent / network).read_text())
     torch.save(build(without_pretrained(spec)).state_dict(), teacher)
     accelerator = "cpu" if size["device"] == "cpu" else "gpu"
     common = [*shapes_data(scratch / "shapes_fit", 64, max(64, size["images"]), 16 if accelerator == "gpu" else 4),
@@ -102,7 +104,7 @@ def fit_stage(size: dict, scratch: Path, log: Path) -> dict:
               "--trainer.enable_progress_bar", "false", "--trainer.callbacks", "[]"]  # fmt: skip
     steps, interval = size["steps"], max(2, size["steps"] // 3)
     started = time.perf_counter()
-    _run(["cwd_lightning", "fit", "--config", str(REPO / "experiments" / "shapes_cwd.yaml"),
+    _run(["cwd_lightning", "fit", "--config", str(experiment),
           "--experiment", "gpu_check",
           "--model.teacher_checkpoint", str(teacher), "--model.lr_schedule", "poly",
           "--model.teacher_cache.views", "2", "--model.teacher_cache.folder", str(scratch / "cache"),

@@ -39,9 +39,11 @@ class TeacherCacheOptions:
 
     def __post_init__(self) -> None:
         if self.views != "epochs" and (not isinstance(self.views, int) or self.views < 1):
-            raise ValueError(f"model.teacher_cache.views must be ≥ 1 or 'epochs', got {self.views!r}")
+            raise ValueError(f"model.teacher_cache.views must be a number ≥ 1 or 'epochs', got {self.views!r}")
         if self.dtype not in DTYPES:
-            raise ValueError(f"model.teacher_cache.dtype must be one of {sorted(DTYPES)}, got {self.dtype!r}")
+            raise ValueError(f"model.teacher_cache.dtype must be {' or '.join(sorted(DTYPES))}, got {self.dtype!r}")
+        if self.seed != "run" and not isinstance(self.seed, int):
+            raise ValueError(f"model.teacher_cache.seed must be a number or 'run', got {self.seed!r}")
         for key in ("validation_every", "validation_batches"):
             if getattr(self, key) is not None and getattr(self, key) < 0:
                 raise ValueError(f"model.teacher_cache.{key} must be ≥ 0, got {getattr(self, key)}")

@@ -47,13 +47,13 @@ class SharedCache:
     folder: str | None = None
 
     def check(self, path: Path) -> None:
-        """The values a run would refuse, refused when the table is read."""
-        if self.views != "epochs" and not (isinstance(self.views, int) and self.views >= 1):
-            raise ValueError(f"{path}: teacher_cache.views must be a number ≥ 1 or 'epochs', got {self.views!r}")
-        if self.dtype not in ("float16", "float32"):
-            raise ValueError(f"{path}: teacher_cache.dtype must be float16 or float32, got {self.dtype!r}")
-        if self.seed != "run" and not isinstance(self.seed, int):
-            raise ValueError(f"{path}: teacher_cache.seed must be a number or 'run', got {self.seed!r}")
+        """The values a run would refuse, refused when the table is read (by the run's own options)."""
+        from cwd_lightning.distill.cached_run import TeacherCacheOptions  # torch: only once a table shares a cache
+
+        try:
+            TeacherCacheOptions(self.views, self.folder, self.dtype, self.seed)
+        except ValueError as error:
+            raise ValueError(f"{path}: {error}") from None
 
     def args(self) -> list[str]:
         folder = ["--model.teacher_cache.folder", self.folder] if self.folder else []

@@ -196,7 +196,7 @@ def test_the_views_are_the_cache_seeds_so_runs_of_every_seed_share_one_cache(
 def test_views_epochs_is_one_view_per_epoch_of_the_schedule(teacher_file, tiny_shapes, tmp_path):
     module, _ = _fit(teacher_file, tiny_shapes, tmp_path / "cache", steps=8, views="epochs")
     assert _array(_cache(module)).shape[:2] == (24, 2)  # 24 images / batch 4 = 6 steps an epoch: 8 steps, 2 epochs
-    with pytest.raises(ValueError, match=r"views must be ≥ 1 or 'epochs', got 'all'"):
+    with pytest.raises(ValueError, match=r"views must be a number ≥ 1 or 'epochs', got 'all'"):
         TeacherCacheOptions("all")
 
 
