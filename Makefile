@@ -22,12 +22,12 @@ TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*ru
 
 TABLE ?= shapes
 
-.PHONY: help install train resume eval export report table ablation features bench gpu-check test test-fast lint format clean distclean
+.PHONY: help install train resume eval export report table reproduce ablation features bench gpu-check test test-fast lint format clean distclean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
 	@echo "  Variables: EXP=<experiments/*.yaml stem> (default shapes_cwd), ARGS='<extra CLI args>', CKPT=best|last|<path>,"
-	@echo "             TABLE=<experiments/tables/*.yaml stem> (default shapes),"
+	@echo "             TABLE=<experiments/tables/*.yaml stem> (default shapes), ROW=<row> SEED=<k> (make reproduce),"
 	@echo "             BENCH_ARGS='--repeats N --warmup N --device cpu|cuda --precision 32|bf16-mixed ... [-- <CLI args>]'"
 
 install: $(STAMP) ## Create .venv and install the package (editable) with pinned versions from constraints.txt
@@ -64,6 +64,9 @@ TABLE_TEACHERS := $(shell grep -oE 'runs/[A-Za-z0-9_]+/best\.ckpt' experiments/t
 
 table: $(STAMP) runs/shapes_teacher/best.ckpt $(TABLE_TEACHERS) ## Run or resume experiments/tables/$(TABLE).yaml (default: the method comparison) -> results/$(TABLE)_table.md
 	$(PY) -m cwd_lightning.sweeps experiments/tables/$(TABLE).yaml
+
+reproduce: $(STAMP) ## Run ROW (default baseline) at SEED (default 0) of TABLE again and compare it bit for bit with its result file
+	$(PY) -m cwd_lightning.sweeps experiments/tables/$(TABLE).yaml --reproduce $(or $(ROW),baseline) --seeds $(or $(SEED),0)
 
 ablation: ## The CWD ablation (normalisation x divergence, tau) -> results/shapes_ablation_table.md
 	$(MAKE) table TABLE=shapes_ablation

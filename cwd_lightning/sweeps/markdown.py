@@ -58,7 +58,8 @@ def write_markdown(table: Table, results: Path) -> Path:
         f"`results/{table.name}/*/seed*.json` ({len(everything)} of {len(table.rows) * len(table.seeds)} runs done).",
         "",
         f"- arguments shared by every row: `{' '.join(table.shared_args) or '(none)'}`",
-        f"- commit(s): {', '.join(sorted({r['commit'] for r in everything})) or '–'}",
+        f"- commit(s): {', '.join(sorted({r['commit'] for r in everything})) or '–'}"
+        + (" (a draft: runs from uncommitted code are marked +dirty)" if table.draft else ""),
         f"- hardware: {'; '.join(sorted({r['hardware'] for r in everything})) or '–'}",
         f"- runs side by side (each with cores/runs threads): {', '.join(side_by_side) or '–'}; "
         "wall times include that sharing, CPU times do not depend on it",

@@ -8,6 +8,7 @@ import json
 import os
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor, as_completed
@@ -98,7 +99,8 @@ def run_row(row: Row, seed: int, table: Table, digest: str, teacher: str | None,
                "--trainer.enable_progress_bar", "false", *table.shared_args, *row.args]  # fmt: skip
     print(f"[{table.name}] {row.name} seed {seed}: {' '.join(command[2:])}", flush=True)
     runs.mkdir(parents=True, exist_ok=True)
-    code_version = commit()  # the code the run starts with
+    code_version = commit()  # the code the run starts with (a sweep's tree may have been edited since it started)
+    check_clean_tree(table, code_version)
     threads = max(1, (os.cpu_count() or 1) // jobs) if jobs > 1 else None
     start = time.perf_counter()
     with open(runs / f"{run_dir.name}.log", "w") as log:
@@ -166,6 +168,18 @@ def current_result(path: Path, digest: str, teacher: str | None, set_aside: bool
     return None
 
 
+def check_clean_tree(table: Table, code_version: str) -> None:
+    """A table's results must come from code a user can check out: refused from a tree with uncommitted changes
+    (``+dirty``) or outside git, unless the table is marked ``draft: true``."""
+    if table.draft or not (code_version.endswith("+dirty") or code_version == "unknown"):
+        return
+    state = "has uncommitted changes" if code_version.endswith("+dirty") else "is not a git checkout"
+    raise RuntimeError(
+        f"table {table.name!r}: the code {state} ({code_version}), so its results could not be reproduced from a "
+        "commit: commit (or stash) the changes first, or mark the table `draft: true` to try it out"
+    )
+
+
 def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, dry_run: bool = False,
               jobs: int = 1, seeds: list[int] | None = None, rows: list[str] | None = None) -> Path:  # fmt: skip
     """Run every (row, seed) without a current result, ``jobs`` at a time, seed-major (an interrupted sweep
@@ -197,6 +211,7 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
                 pending.append((row, seed, digests[row.name], teacher))
     if dry_run:
         return results / f"{table.name}_table.md"
+    check_clean_tree(table, commit())
     folders = {"runs": runs_root / "tables" / table.name, "results": results, "experiments": experiments}
     failures = []
     with ThreadPoolExecutor(max_workers=jobs) as pool:
@@ -214,3 +229,41 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
     if failures:
         raise RuntimeError(f"table {table.name!r}: {len(failures)} run(s) failed:\n  " + "\n  ".join(failures))
     return report
+
+
+#: what a re-run must give bit for bit: the metric's best and last values and where the run stopped and peaked
+REPRODUCED_KEYS = ("best", "last", "steps", "best_step")
+
+
+def reproduce(table: Table, experiments: Path, results: Path, row_name: str, seed: int) -> dict:
+    """Run (``row_name``, ``seed``) again in a temporary folder and compare it with its committed result file:
+    ``{"equal": bool, "same_commit": bool, "committed": {...}, "rerun": {...}}`` over ``REPRODUCED_KEYS`` plus
+    the commit, hardware and threads of each. Bit-for-bit equality is expected at the result's commit on the same
+    kind of machine; the committed file is only read."""
+    rows = {row.name: row for row in table.rows}
+    if row_name not in rows:
+        raise ValueError(f"table {table.name!r} has no row {row_name!r}; its rows: {list(rows)}")
+    if seed not in table.seeds:
+        raise ValueError(f"table {table.name!r} has no seed {seed}; its seeds: {table.seeds}")
+    resolved = {name: resolved_config(row, table, experiments) for name, row in rows.items()}
+    table, resolved = with_shared_cache(table, resolved, lambda row, table: resolved_config(row, table, experiments))
+    row = next(row for row in table.rows if row.name == row_name)
+    digest, teacher = identity_digest(resolved[row_name]), teacher_fingerprint(resolved[row_name])
+    path = results / table.name / row_name / f"seed{seed}.json"
+    committed = current_result(path, digest, teacher, set_aside=False)
+    if committed is None:
+        raise FileNotFoundError(f"{path}: no result of this row's current config and teacher to compare with")
+    with tempfile.TemporaryDirectory(prefix=f"reproduce_{table.name}_") as folder:
+        folders = {"runs": Path(folder) / "runs", "results": Path(folder) / "results", "experiments": experiments}
+        rerun = run_row(row, seed, table, digest, teacher, folders, config=resolved[row_name])
+
+    def summary(result: dict) -> dict:
+        return {**{key: result.get(key) for key in REPRODUCED_KEYS},
+                **{key: result.get(key) for key in ("commit", "hardware", "wall_s", "cpu_s")}}  # fmt: skip
+
+    return {
+        "equal": all(committed.get(key) == rerun.get(key) for key in REPRODUCED_KEYS),
+        "same_commit": committed["commit"] == rerun["commit"],
+        "committed": summary(committed),
+        "rerun": summary(rerun),
+    }

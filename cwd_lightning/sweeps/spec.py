@@ -72,6 +72,7 @@ class Table:
     notes: str = ""
     budget: Budget | None = None
     teacher_cache: SharedCache | None = None
+    draft: bool = False  # may run from a tree with uncommitted changes (its results say so)
 
     @property
     def shared_args(self) -> list[str]:
@@ -130,10 +131,17 @@ class Table:
             notes=spec.get("notes", ""),
             budget=budget,
             teacher_cache=cache,
+            draft=_flag(spec.get("draft", False), path, "draft"),
         )
         if table.baseline not in names:
             raise ValueError(f"{path}: baseline row {table.baseline!r} is not among the rows {names}")
         return table
+
+
+def _flag(value: object, path: Path, key: str) -> bool:
+    if not isinstance(value, bool):
+        raise ValueError(f"{path}: {key} must be true or false, got {value!r}")
+    return value
 
 
 def check_same_recipe(table: Table, resolved: dict[str, dict]) -> None:

@@ -104,7 +104,7 @@ def test_cityscapes_table2_files_build(config, cityscapes_teacher):
 
 @pytest.mark.slow
 def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, tiny_shapes, tmp_path):
-    from cwd_lightning.sweeps.runner import run_table
+    from cwd_lightning.sweeps.runner import reproduce, run_table
     from cwd_lightning.sweeps.spec import Table
 
     _, teacher_dir, _, _ = teacher_run
@@ -113,7 +113,7 @@ def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, 
               "--model.teacher_checkpoint", str(teacher_dir / "best.ckpt"), *tiny_overrides(tiny_shapes, 2),
               "--trainer.callbacks", "[]"]  # fmt: skip
     table_file.write_text(yaml.safe_dump({
-        "name": "tiny", "title": "tiny table", "seeds": [0, 1], "args": shared, "baseline": "cwd",
+        "name": "tiny", "title": "tiny table", "draft": True, "seeds": [0, 1], "args": shared, "baseline": "cwd",
         "rows": [{"name": "cwd", "config": "shapes_cwd"},
                  {"name": "tau2", "config": "shapes_cwd", "args": ["--model.terms.0.loss.init_args.tau", "2"]}],
     }))  # fmt: skip
@@ -143,6 +143,18 @@ def test_the_table_runner_writes_results_skips_them_and_aggregates(teacher_run, 
     assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps
     assert len(list((runs / "tables" / "tiny").glob("*_seed*.log"))) == 4
 
+    # a committed result runs again bit for bit (same commit, same machine); a tampered file is caught
+    outcome = reproduce(table, REPO / "experiments", results, "cwd", 1)
+    assert outcome["equal"] and outcome["same_commit"], outcome
+    assert outcome["rerun"]["best"] == json.loads((results / "tiny/cwd/seed1.json").read_text())["best"]
+    assert {p: p.stat().st_mtime_ns for p in results.rglob("seed*.json")} == stamps  # only read
+    tampered = {**json.loads((results / "tiny/cwd/seed1.json").read_text())}
+    tampered["best"] = tampered["best"] + 1e-9
+    (results / "tiny/cwd/seed1.json").write_text(json.dumps(tampered))
+    assert not reproduce(table, REPO / "experiments", results, "cwd", 1)["equal"]
+    with pytest.raises(ValueError, match="has no seed 7"):
+        reproduce(table, REPO / "experiments", results, "cwd", 7)
+
 
 @pytest.mark.slow
 def test_a_table_at_equal_compute_gives_every_row_its_budget(teacher_run, tiny_shapes, tmp_path):
@@ -157,7 +169,7 @@ def test_a_table_at_equal_compute_gives_every_row_its_budget(teacher_run, tiny_s
     del shared[limit : limit + 2]  # the budget ends the runs
     table_file = tmp_path / "budget.yaml"
     table_file.write_text(yaml.safe_dump({
-        "name": "budget", "seeds": [0], "args": shared, "baseline": "baseline", "budget": {"seconds": 3},
+        "name": "budget", "draft": True, "seeds": [0], "args": shared, "baseline": "baseline", "budget": {"seconds": 3},
         "rows": [{"name": "baseline", "config": "shapes_student"}, {"name": "cwd", "config": "shapes_cwd"}],
     }))  # fmt: skip
     results = tmp_path / "results"
@@ -185,7 +197,7 @@ def test_a_table_with_a_shared_cache_fills_it_once_for_every_distilled_row_and_s
     cache = tmp_path / "cache"
     table_file = tmp_path / "cached.yaml"
     table_file.write_text(yaml.safe_dump({
-        "name": "cached", "seeds": [0, 1], "args": shared, "teacher_cache": {"folder": str(cache)},
+        "name": "cached", "draft": True, "seeds": [0, 1], "args": shared, "teacher_cache": {"folder": str(cache)},
         "baseline": "cwd", "rows": [{"name": "cwd", "config": "shapes_cwd"},
                                     {"name": "tau2", "config": "shapes_cwd",
                                      "args": ["--model.terms.0.loss.init_args.tau", "2"]}],

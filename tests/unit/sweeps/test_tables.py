@@ -11,6 +11,7 @@ import yaml
 
 from cwd_lightning.distill.teacher import combined_fingerprint, fingerprint_file
 from cwd_lightning.sweeps import Table, check_same_recipe, current_result, teacher_fingerprint
+from cwd_lightning.sweeps.runner import check_clean_tree
 
 
 def _write(tmp_path, spec) -> str:
@@ -30,12 +31,25 @@ def test_a_table_file_loads_and_bad_ones_name_the_fault(tmp_path):
            ({"name": "t", "seeds": [0], "rows": [{"name": "a"}]}, r"row 0 needs name and config"),
            ({"name": "t", "seeds": [0], "rows": [*ROWS, ROWS[1]]}, r"row names must be unique"),
            ({"name": "t", "seeds": [0], "rows": ROWS[1:]}, r"baseline row 'baseline' is not among the rows"),
+           ({"name": "t", "seeds": [0], "rows": ROWS, "draft": "yes"}, r"draft must be true or false, got 'yes'"),
            ]  # fmt: skip
     for spec, message in bad:
         with pytest.raises(ValueError, match=message):
             Table.load(_write(tmp_path, spec))
     with pytest.raises(FileNotFoundError, match="tables live in experiments/tables/"):
         Table.load(tmp_path / "none.yaml")
+
+
+def test_a_table_runs_only_from_committed_code_unless_it_is_a_draft(tmp_path):
+    table = Table.load(_write(tmp_path, {"name": "t", "seeds": [0], "rows": ROWS}))
+    assert table.draft is False
+    check_clean_tree(table, "0123456789")  # a clean checkout
+    for version, state in (("0123456789+dirty", "has uncommitted changes"), ("unknown", "is not a git checkout")):
+        message = rf"table 't': the code {state} \({version.replace('+', '[+]')}\).*draft: true"
+        with pytest.raises(RuntimeError, match=message):
+            check_clean_tree(table, version)
+    draft = Table.load(_write(tmp_path, {"name": "t", "seeds": [0], "rows": ROWS, "draft": True}))
+    check_clean_tree(draft, "0123456789+dirty")
 
 
 def test_a_budget_table_gives_every_row_the_budget_and_no_step_limit(tmp_path):
