@@ -238,8 +238,8 @@ REPRODUCED_KEYS = ("best", "last", "steps", "best_step")
 def reproduce(table: Table, experiments: Path, results: Path, row_name: str, seed: int) -> dict:
     """Run (``row_name``, ``seed``) again in a temporary folder and compare it with its committed result file:
     ``{"equal": bool, "same_commit": bool, "committed": {...}, "rerun": {...}}`` over ``REPRODUCED_KEYS`` plus
-    the commit, hardware and threads of each. Bit-for-bit equality is expected at the result's commit on the same
-    kind of machine; the committed file is only read."""
+    the commit and hardware of each. The run gets the committed run's share of the cores (``runs_side_by_side``);
+    bit-for-bit equality is expected at the result's commit on the same kind of machine; the file is only read."""
     rows = {row.name: row for row in table.rows}
     if row_name not in rows:
         raise ValueError(f"table {table.name!r} has no row {row_name!r}; its rows: {list(rows)}")
@@ -255,7 +255,9 @@ def reproduce(table: Table, experiments: Path, results: Path, row_name: str, see
         raise FileNotFoundError(f"{path}: no result of this row's current config and teacher to compare with")
     with tempfile.TemporaryDirectory(prefix=f"reproduce_{table.name}_") as folder:
         folders = {"runs": Path(folder) / "runs", "results": Path(folder) / "results", "experiments": experiments}
-        rerun = run_row(row, seed, table, digest, teacher, folders, config=resolved[row_name])
+        # as many threads as the committed run had (its runs side by side shared the cores): results depend on them
+        jobs = int(committed.get("runs_side_by_side", 1))
+        rerun = run_row(row, seed, table, digest, teacher, folders, jobs, resolved[row_name])
 
     def summary(result: dict) -> dict:
         return {**{key: result.get(key) for key in REPRODUCED_KEYS},

@@ -5,6 +5,8 @@ resolved config."""
 from __future__ import annotations
 
 import json
+import re
+import shutil
 
 import pytest
 
@@ -33,3 +35,51 @@ def test_make_table_starts_no_run_for_the_committed_results(table_file, monkeypa
     for result in recorded.values():
         assert result["config_digest"] == identity_digest(result["resolved_config"])
         assert "config_migrations" not in result  # no shim: the files were migrated (scripts/migrate_results.py)
+
+
+def _table_cells() -> tuple[list[tuple[float, float]], set[str]]:
+    """Every ``mean ± std`` and every per-seed cell of the tables that `python -m cwd_lightning.sweeps` wrote."""
+    pairs, seeds = [], set()
+    for table in (REPO / "results").rglob("*_table.md"):
+        for line in table.read_text().splitlines():
+            if not line.startswith("|"):
+                continue
+            for cell in (cell.strip().strip("*") for cell in line.strip("|").split("|")):
+                if match := re.fullmatch(r"(\d\.\d+) ± (\d\.\d+)", cell):
+                    pairs.append((float(match[1]), float(match[2])))
+                elif re.fullmatch(r"\d\.\d{4}(, \d\.\d{4})+", cell):
+                    seeds.add(cell)
+    return pairs, seeds
+
+
+QUOTED_PAIR = re.compile(r"(\d\.\d+) ± (\d\.\d+)")
+QUOTED_SEEDS = re.compile(r"\d\.\d{4}(?:, \d\.\d{4}){2,}")
+
+
+@pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
+def test_every_result_the_docs_quote_is_in_a_result_table(page):
+    """A mean ± std quoted in the page (at whatever precision) rounds from a row of a table under results/, and
+    a list of per-seed values is one of those tables' cells: the docs cannot drift from the result files."""
+    pairs, seeds = _table_cells()
+    assert pairs and seeds, "no result tables found under results/"
+    text = (REPO / page).read_text().replace("\n", " ")
+    for match in QUOTED_PAIR.finditer(text):
+        mean, std = match[1], match[2]
+        decimals = len(mean.split(".")[1]), len(std.split(".")[1])
+        assert any(f"{m:.{decimals[0]}f}" == mean and f"{s:.{decimals[1]}f}" == std for m, s in pairs), (
+            f"{page}: '{match[0]}' is in no table under results/"
+        )
+    for match in QUOTED_SEEDS.finditer(text):
+        assert match[0] in seeds, f"{page}: per-seed values '{match[0]}' are in no table under results/"
+
+
+def test_every_result_table_is_what_its_result_files_give(tmp_path):
+    """The committed markdown of a table equals the one its result files write now."""
+    from cwd_lightning.sweeps.markdown import write_markdown
+
+    for table_file in WITH_RESULTS:
+        table = Table.load(table_file)
+        committed = (REPO / "results" / f"{table.name}_table.md").read_text()
+        copy = tmp_path / table.name
+        shutil.copytree(REPO / "results" / table.name, copy / table.name)
+        assert write_markdown(table, copy).read_text() == committed, f"results/{table.name}_table.md is out of date"
