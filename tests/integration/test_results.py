@@ -59,7 +59,7 @@ QUOTED_SEEDS = re.compile(r"\d\.\d{4}(?:, \d\.\d{4}){2,}")
 @pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
 def test_every_result_the_docs_quote_is_in_a_result_table(page):
     """A mean ± std quoted in the page (at whatever precision) rounds from a row of a table under results/, and
-    a list of per-seed values is one of those tables' cells: the docs cannot drift from the result files."""
+    a list of three per-seed values is one of those tables' cells: the docs cannot drift from the result files."""
     pairs, seeds = _table_cells()
     assert pairs and seeds, "no result tables found under results/"
     text = (REPO / page).read_text().replace("\n", " ")
@@ -70,6 +70,8 @@ def test_every_result_the_docs_quote_is_in_a_result_table(page):
             f"{page}: '{match[0]}' is in no table under results/"
         )
     for match in QUOTED_SEEDS.finditer(text):
+        if match[0].count(",") != 2:
+            continue  # a validation curve, not three seeds
         assert match[0] in seeds, f"{page}: per-seed values '{match[0]}' are in no table under results/"
 
 
