@@ -22,7 +22,7 @@ TEACHER_CKPT := $(shell grep -oE '^[[:space:]]*teacher_checkpoint:[[:space:]]*ru
 
 TABLE ?= shapes
 
-.PHONY: help install train resume eval export report table reproduce ablation features bench gpu-check test test-fast lint format clean distclean
+.PHONY: help install train resume eval export report table tables reproduce ablation features bench gpu-check test test-fast lint format clean distclean
 
 help: ## Show this help
 	@grep -hE '^[a-zA-Z_-]+:.*## ' $(MAKEFILE_LIST) | awk 'BEGIN {FS = ":.*## "}; {printf "  \033[36m%-10s\033[0m %s\n", $$1, $$2}'
@@ -64,6 +64,12 @@ TABLE_TEACHERS := $(shell grep -oE 'runs/[A-Za-z0-9_]+/best\.ckpt' experiments/t
 
 table: $(STAMP) runs/shapes_teacher/best.ckpt $(TABLE_TEACHERS) ## Run or resume experiments/tables/$(TABLE).yaml (default: the method comparison) -> results/$(TABLE)_table.md
 	$(PY) -m cwd_lightning.sweeps experiments/tables/$(TABLE).yaml
+
+# every table the results page quotes, in the order they were run (each resumes: finished runs are skipped)
+ALL_TABLES := shapes_default shapes shapes_features shapes_ablation shapes_since_cwd shapes_recipes shapes_cache shapes_equal_compute shapes_det
+
+tables: ## Run or resume every table of docs/results.md, each teacher trained when its table needs it (SWEEP_JOBS=2: two runs side by side)
+	set -e; for table in $(ALL_TABLES); do $(MAKE) --no-print-directory table TABLE=$$table; done
 
 reproduce: $(STAMP) ## Run ROW (default baseline) at SEED (default 0) of TABLE again and compare it bit for bit with its result file
 	$(PY) -m cwd_lightning.sweeps experiments/tables/$(TABLE).yaml --reproduce $(or $(ROW),baseline) --seeds $(or $(SEED),0)
