@@ -1,6 +1,6 @@
 """The committed result files are the runs their tables describe at the current code: `make table` starts no
-run for them (given the teacher they were made with), and every result's recorded config is its row's
-resolved config."""
+run for them (given the teacher they were made with; none at all for a complete table, the missing runs of a table
+still being filled), and every result's recorded config is its row's resolved config."""
 
 from __future__ import annotations
 
@@ -30,8 +30,9 @@ def test_make_table_starts_no_run_for_the_committed_results(table_file, monkeypa
                         lambda config: teacher if config["model"].get("teacher_checkpoint") else None)  # fmt: skip
     runner.run_table(table, REPO / "experiments", tmp_path / "runs", results, dry_run=True)
     printed = capsys.readouterr().out
-    assert "to run" not in printed
-    assert printed.count(": done (") == len(table.rows) * len(table.seeds) == len(recorded)
+    assert printed.count(": done (") == len(recorded)  # no committed result would be run again
+    if len(recorded) == len(table.rows) * len(table.seeds):  # a complete table starts no run at all
+        assert "to run" not in printed
     for result in recorded.values():
         assert result["config_digest"] == identity_digest(result["resolved_config"])
         assert "config_migrations" not in result  # no shim: the files were migrated (scripts/migrate_results.py)
