@@ -63,6 +63,12 @@ def with_shared_cache(table: Table, resolved: dict[str, dict], resolve: Callable
     return table, {row.name: resolve(row, table) if row.name in cached else resolved[row.name] for row in rows}
 
 
+def resolve_rows(table: Table, experiments: Path) -> tuple[Table, dict[str, dict]]:
+    """Every row's resolved config, the table's shared cache (if any) added to the rows that distil."""
+    resolved = {row.name: resolved_config(row, table, experiments) for row in table.rows}
+    return with_shared_cache(table, resolved, lambda row, table: resolved_config(row, table, experiments))
+
+
 def teacher_fingerprint(resolved: dict) -> str | None:
     """The fingerprint of the teachers a resolved config names (as the run will compute it), or None when one
     of them has no checkpoint file to read it from."""
@@ -188,8 +194,7 @@ def run_table(table: Table, experiments: Path, runs_root: Path, results: Path, d
     unknown = sorted(set(rows or []) - {row.name for row in table.rows})
     if unknown:
         raise ValueError(f"table {table.name!r} has no row(s) {unknown}; its rows: {[row.name for row in table.rows]}")
-    resolved = {row.name: resolved_config(row, table, experiments) for row in table.rows}
-    table, resolved = with_shared_cache(table, resolved, lambda row, table: resolved_config(row, table, experiments))
+    table, resolved = resolve_rows(table, experiments)
     check_same_recipe(table, resolved)
     digests = {name: identity_digest(config) for name, config in resolved.items()}
     teachers = {name: teacher_fingerprint(config) for name, config in resolved.items()}
@@ -245,8 +250,7 @@ def reproduce(table: Table, experiments: Path, results: Path, row_name: str, see
         raise ValueError(f"table {table.name!r} has no row {row_name!r}; its rows: {list(rows)}")
     if seed not in table.seeds:
         raise ValueError(f"table {table.name!r} has no seed {seed}; its seeds: {table.seeds}")
-    resolved = {name: resolved_config(row, table, experiments) for name, row in rows.items()}
-    table, resolved = with_shared_cache(table, resolved, lambda row, table: resolved_config(row, table, experiments))
+    table, resolved = resolve_rows(table, experiments)
     row = next(row for row in table.rows if row.name == row_name)
     digest, teacher = identity_digest(resolved[row_name]), teacher_fingerprint(resolved[row_name])
     path = results / table.name / row_name / f"seed{seed}.json"
