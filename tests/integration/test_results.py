@@ -38,6 +38,10 @@ def test_make_table_starts_no_run_for_the_committed_results(table_file, monkeypa
         assert "config_migrations" not in result  # no shim: the files were migrated (scripts/migrate_results.py)
 
 
+QUOTED_PAIR = re.compile(r"(\d\.\d+) ± (\d\.\d+)")
+QUOTED_SEEDS = re.compile(r"\d\.\d{4}(?:, \d\.\d{4}){2,}")
+
+
 def _table_cells() -> tuple[list[tuple[float, float]], set[str]]:
     """Every ``mean ± std`` and every per-seed cell of the tables that `python -m cwd_lightning.sweeps` wrote."""
     pairs, seeds = [], set()
@@ -46,15 +50,11 @@ def _table_cells() -> tuple[list[tuple[float, float]], set[str]]:
             if not line.startswith("|"):
                 continue
             for cell in (cell.strip().strip("*") for cell in line.strip("|").split("|")):
-                if match := re.fullmatch(r"(\d\.\d+) ± (\d\.\d+)", cell):
+                if match := QUOTED_PAIR.fullmatch(cell):
                     pairs.append((float(match[1]), float(match[2])))
                 elif re.fullmatch(r"\d\.\d{4}(, \d\.\d{4})+", cell):
                     seeds.add(cell)
     return pairs, seeds
-
-
-QUOTED_PAIR = re.compile(r"(\d\.\d+) ± (\d\.\d+)")
-QUOTED_SEEDS = re.compile(r"\d\.\d{4}(?:, \d\.\d{4}){2,}")
 
 
 @pytest.mark.parametrize("page", ["README.md", "docs/results.md"])
