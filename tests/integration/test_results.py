@@ -10,6 +10,7 @@ import shutil
 
 import pytest
 
+from cwd_lightning.analysis.runs import load_run
 from cwd_lightning.runs.identity import identity_digest
 from cwd_lightning.sweeps import runner
 from cwd_lightning.sweeps.spec import Table
@@ -86,3 +87,23 @@ def test_every_result_table_is_what_its_result_files_give(tmp_path):
         copy = tmp_path / table.name
         shutil.copytree(REPO / "results" / table.name, copy / table.name)
         assert write_markdown(table, copy).read_text() == committed, f"results/{table.name}_table.md is out of date"
+
+
+TEACHER_RECORDS = sorted((REPO / "results" / "teachers").glob("*/teacher.json"))
+
+
+@pytest.mark.parametrize("record", TEACHER_RECORDS, ids=lambda path: path.parent.name)
+def test_a_teacher_record_is_the_teacher_of_its_results_and_the_docs_quote_its_curve(record):
+    """``results/teachers/<exp>/`` keeps the run the tables' teacher came from (its config.yaml and metrics.csv, as
+    the run wrote them): every result distilled from ``runs/<exp>/best.ckpt`` recorded its fingerprint, and
+    docs/results.md quotes its whole validation curve as the metrics give it."""
+    teacher = json.loads(record.read_text())
+    steps, values = load_run(record.parent).series(teacher["metric"])
+    assert (max(values), steps[-1] + 1) == (teacher["best"], teacher["steps"])
+    checkpoint = f"runs/{teacher['experiment']}/best.ckpt"
+    results = [json.loads(path.read_text()) for path in (REPO / "results").glob("*/*/seed*.json")]
+    fingerprints = {result["teacher_fingerprint"] for result in results
+                    if result["resolved_config"]["model"].get("teacher_checkpoint") == checkpoint}  # fmt: skip
+    assert fingerprints <= {teacher["fingerprint"]}, f"{record}: results made from another {checkpoint}"
+    curve = ", ".join(f"{value:.4f}" for value in values)
+    assert curve in (REPO / "docs" / "results.md").read_text().replace("\n", " "), f"docs/results.md: no {curve}"
