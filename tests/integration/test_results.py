@@ -14,6 +14,7 @@ from cwd_lightning.analysis.runs import load_run
 from cwd_lightning.runs.identity import identity_digest
 from cwd_lightning.sweeps import runner
 from cwd_lightning.sweeps.spec import Table
+from scripts.record_teacher import flattened
 from tests.helpers import REPO
 
 TABLES = sorted((REPO / "experiments" / "tables").glob("*.yaml"))
@@ -105,5 +106,22 @@ def test_a_teacher_record_is_the_teacher_of_its_results_and_the_docs_quote_its_c
     fingerprints = {result["teacher_fingerprint"] for result in results
                     if result["resolved_config"]["model"].get("teacher_checkpoint") == checkpoint}  # fmt: skip
     assert fingerprints <= {teacher["fingerprint"]}, f"{record}: results made from another {checkpoint}"
+    if "flattened" in teacher:  # the criterion recorded with the run, recomputed from its metrics
+        criterion = teacher["flattened"]
+        assert flattened(values, criterion["last_validations"], criterion["below"]) == criterion
     curve = ", ".join(f"{value:.4f}" for value in values)
     assert curve in (REPO / "docs" / "results.md").read_text().replace("\n", " "), f"docs/results.md: no {curve}"
+
+
+def test_the_flattening_criterion_compares_the_last_validations_with_the_best_before_them():
+    curve = [0.10, 0.20, 0.30, 0.31, 0.305]
+    assert flattened(curve, 2, 0.02) == {
+        "last_validations": 2,
+        "below": 0.02,
+        "gain": pytest.approx(0.01),
+        "flat": True,
+    }
+    assert not flattened(curve, 2, 0.005)["flat"]
+    assert not flattened(curve, 3, 0.05)["flat"]  # 0.31 against 0.20: still rising
+    with pytest.raises(ValueError, match="5 validations"):
+        flattened(curve, 5, 0.01)
