@@ -33,6 +33,8 @@ def flattened(values: list[float], last: int, below: float) -> dict:
 
 
 def record(experiment: str, checkout: Path, flat_last: int | None = None, flat_below: float | None = None) -> dict:
+    if (flat_last is None) != (flat_below is None):
+        raise ValueError("the flattening criterion needs both flat_last and flat_below")
     run_dir = checkout / "runs" / experiment
     run = load_run(run_dir)
     if not run.finished:
@@ -45,10 +47,10 @@ def record(experiment: str, checkout: Path, flat_last: int | None = None, flat_b
         "fingerprint": fingerprint_file(run_dir / "best.ckpt"),
         "metric": run.metric,
         "steps": steps[-1] + 1,
-        "best": max(values),
+        "best": run.best(),
     }
     if flat_last is not None:
-        teacher["flattened"] = flattened(values, flat_last, flat_below if flat_below is not None else 0.0)
+        teacher["flattened"] = flattened(values, flat_last, flat_below)
     folder = REPO / "results" / "teachers" / experiment
     folder.mkdir(parents=True, exist_ok=True)
     for name in ("config.yaml", "metrics.csv"):
