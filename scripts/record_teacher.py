@@ -38,7 +38,10 @@ def record(experiment: str, checkout: Path, flat_last: int | None = None, flat_b
     run_dir = checkout / "runs" / experiment
     run = load_run(run_dir)
     if not run.finished:
-        raise ValueError(f"{run_dir}: the run has not finished (metrics.csv does not reach its max_steps)")
+        raise ValueError(
+            f"{run_dir}: the run has not finished (metrics.csv does not reach its max_steps, and no "
+            "EarlyStopping callback ended it)"
+        )
     steps, values = run.series(run.metric)
     teacher = {
         "experiment": experiment,
@@ -47,6 +50,7 @@ def record(experiment: str, checkout: Path, flat_last: int | None = None, flat_b
         "fingerprint": fingerprint_file(run_dir / "best.ckpt"),
         "metric": run.metric,
         "steps": steps[-1] + 1,
+        "stopped_early": run.stopped_early,  # by its EarlyStopping callback, before trainer.max_steps
         "best": run.best(),
     }
     if flat_last is not None:

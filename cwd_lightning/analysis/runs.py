@@ -15,6 +15,7 @@ from torch import nn
 from cwd_lightning.models.pretrained import without_pretrained
 from cwd_lightning.models.weights import read_weights
 from cwd_lightning.runs.identity import identity_digest
+from cwd_lightning.safe_load import load_weights_only
 from cwd_lightning.tasks import monitored_metric
 
 
@@ -51,11 +52,24 @@ class Run:
 
     @property
     def finished(self) -> bool:
-        """Trained to its ``max_steps``: a run still going, or one set aside by a sweep, is not."""
+        """Trained to its ``max_steps`` or stopped by its ``EarlyStopping``: a run still going, or one set aside
+        by a sweep, is not."""
         steps = [int(row["step"]) for row in self.rows if row.get("step")]
         max_steps = (self.config.get("trainer") or {}).get("max_steps")
         reached = bool(steps) and (max_steps in (None, -1) or max(steps) + 1 >= max_steps)
-        return reached and ".interrupted" not in self.name
+        return (reached or self.stopped_early) and ".interrupted" not in self.name
+
+    @property
+    def stopped_early(self) -> bool:
+        """Its ``EarlyStopping`` callback ended it: the callback's state in ``last.ckpt`` (saved after the
+        callback decided) counts as many validations without improvement as its patience allows."""
+        callbacks = (self.config.get("trainer") or {}).get("callbacks") or []
+        if not any(str(spec.get("class_path", "")).endswith(".EarlyStopping") for spec in callbacks
+                   if isinstance(spec, dict)) or not (self.path / "last.ckpt").is_file():  # fmt: skip
+            return False
+        states = load_weights_only(self.path / "last.ckpt", "run checkpoint").get("callbacks") or {}
+        return any(key.startswith("EarlyStopping") and state["wait_count"] >= state["patience"]
+                   for key, state in states.items())  # fmt: skip
 
     def series(self, key: str) -> tuple[list[int], list[float]]:
         points = [(int(row["step"]), float(row[key])) for row in self.rows if row.get(key)]

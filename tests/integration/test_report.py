@@ -52,3 +52,29 @@ def test_report_takes_runs_that_differ_only_by_seed_together(tmp_path):
     section = text[text.index("## Over seeds") :]
     assert "| ChannelWiseDivergence | 3 | 4 | @head | 0, 1, 2 | 0.3200 ± 0.0200 (val/mIoU) |" in section
     assert "| ChannelWiseDivergence | 3 | 1 | @head | 0 | 0.2500 ± 0.0000 (val/mIoU) |" in section
+
+
+def test_a_run_its_early_stopping_ended_counts_as_finished(teacher_run, tiny_shapes, tmp_path):
+    """A run ended by Lightning's ``EarlyStopping`` is finished (its curve flattened), though short of its
+    ``max_steps``: the callback's state in ``last.ckpt`` says so. A run that reached ``max_steps`` is finished
+    without it."""
+    from cwd_lightning.analysis.runs import load_run
+    from tests.helpers import REPO, run_cli, tiny_overrides
+
+    # improving by 1.0 mIoU is impossible: the second validation (step 4) is one without improvement, patience 1
+    early_stopping = ["--trainer.callbacks+=lightning.pytorch.callbacks.EarlyStopping",
+                      "--trainer.callbacks.monitor", "val/mIoU", "--trainer.callbacks.mode", "max",
+                      "--trainer.callbacks.patience", "1", "--trainer.callbacks.min_delta", "1.0"]  # fmt: skip
+    result = run_cli("fit", "--config", str(REPO / "experiments" / "shapes_student.yaml"), "--experiment", "stopped",
+                     "--runs_root", str(tmp_path / "runs"), "--model.lr_schedule", "poly",
+                     *tiny_overrides(tiny_shapes, 40), *early_stopping, cwd=tmp_path)  # fmt: skip
+    assert result.returncode == 0, result.stderr[-3000:]
+    stopped = load_run(tmp_path / "runs" / "stopped")
+    steps, _ = stopped.series("val/mIoU")
+    assert steps == [1, 3] and stopped.stopped_early and stopped.finished
+    _, teacher_dir, _, _ = teacher_run
+    teacher = load_run(teacher_dir)
+    assert teacher.finished and not teacher.stopped_early
+    (tmp_path / "runs" / "stopped" / "metrics.csv").write_text("step,val/mIoU\n1,0.1\n")  # as if it were still going
+    (tmp_path / "runs" / "stopped" / "last.ckpt").unlink()
+    assert not load_run(tmp_path / "runs" / "stopped").finished

@@ -125,3 +125,15 @@ def test_the_flattening_criterion_compares_the_last_validations_with_the_best_be
     assert not flattened(curve, 3, 0.05)["flat"]  # 0.31 against 0.20: still rising
     with pytest.raises(ValueError, match="5 validations"):
         flattened(curve, 5, 0.01)
+
+
+def test_the_stopped_one_cycle_detection_teacher_could_no_longer_meet_the_criterion():
+    """The first detection teacher (one-cycle over 8000 steps) was stopped after 14 of its 16 validations: the
+    criterion at step 8000 compares the best of validations 13–16 with the best of 1–12, and validation 14 already
+    exceeds that by more than the 0.005 allowed. docs/results.md quotes the curve."""
+    archived = load_run(REPO / "results" / "archive" / "det_teacher_onecycle_8000")
+    steps, values = archived.series("val/mAP")
+    assert (len(values), steps[-1] + 1, archived.config["trainer"]["max_steps"]) == (14, 7000, 8000)
+    assert max(values[12:]) - max(values[:12]) >= 0.005
+    curve = ", ".join(f"{value:.4f}" for value in values)
+    assert curve in (REPO / "docs" / "results.md").read_text().replace("\n", " "), f"docs/results.md: no {curve}"
