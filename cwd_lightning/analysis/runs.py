@@ -5,6 +5,7 @@ from __future__ import annotations
 import csv
 import importlib
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -59,10 +60,11 @@ class Run:
         reached = bool(steps) and (max_steps in (None, -1) or max(steps) + 1 >= max_steps)
         return (reached or self.stopped_early) and ".interrupted" not in self.name
 
-    @property
+    @cached_property
     def stopped_early(self) -> bool:
         """Its ``EarlyStopping`` callback ended it: the callback's state in ``last.ckpt`` (saved after the
-        callback decided) counts as many validations without improvement as its patience allows."""
+        callback decided) counts as many validations without improvement as its patience allows. Cached: it
+        reads the whole checkpoint, and ``finished`` asks first."""
         callbacks = (self.config.get("trainer") or {}).get("callbacks") or []
         if not any(str(spec.get("class_path", "")).endswith(".EarlyStopping") for spec in callbacks
                    if isinstance(spec, dict)) or not (self.path / "last.ckpt").is_file():  # fmt: skip
